@@ -1,0 +1,1 @@
+"""The pipeline stages as dramatiq actors, and the edges they drive (engine, gzip, S3)."""

@@ -1,0 +1,103 @@
+"""gzip compression of an image tar with python-isal (Intel ISA-L), off the event loop.
+
+ISA-L's deflate at level 1 runs several times faster than zlib at ``gzip -6`` with a
+ratio close to ``gzip -1``; ``igzip_threaded`` adds a second core. The output is plain
+RFC 1952 gzip that ``docker load``, ``gunzip`` and ``tar xz`` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from isal import igzip_threaded
+
+from dcu.errors import StorageError
+
+_READ_CHUNK = 4 * 1024 * 1024
+
+ProgressCallback = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CompressResult:
+    bytes_in: int
+    bytes_out: int
+    sha256: str
+    seconds: float
+
+    @property
+    def throughput(self) -> float:
+        """Input megabytes (10^6) per second."""
+        return self.bytes_in / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class _HashingWriter(io.RawIOBase):
+    """Hashes the compressed stream on its way to disk, saving a second read."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        self._raw = raw
+        self.digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self.digest.update(data)
+        return self._raw.write(data)
+
+
+def compress_file(
+    src: Path,
+    dest: Path,
+    *,
+    level: int = 1,
+    threads: int = 2,
+    progress: ProgressCallback | None = None,
+) -> CompressResult:
+    """gzip ``src`` into ``dest`` atomically (``.part`` then rename); blocking.
+
+    Raises StorageError when reading or writing fails (disk full included); the partial
+    output is removed.
+    """
+    started = time.monotonic()
+    total = src.stat().st_size
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    done = 0
+    try:
+        with src.open("rb") as source, part.open("wb") as raw:
+            hashing = _HashingWriter(raw)
+            gz_open = igzip_threaded.open  # untyped in python-isal
+            with gz_open(hashing, "wb", compresslevel=level, threads=threads) as gz:  # type: ignore[no-untyped-call]
+                while chunk := source.read(_READ_CHUNK):
+                    gz.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(part, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        if exc.errno == errno.ENOSPC:
+            raise StorageError(f"disk full while writing {dest}") from exc
+        raise StorageError(f"cannot compress {src} into {dest}: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise
+    return CompressResult(
+        bytes_in=done,
+        bytes_out=dest.stat().st_size,
+        sha256=hashing.digest.hexdigest(),
+        seconds=time.monotonic() - started,
+    )

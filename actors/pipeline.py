@@ -1,0 +1,226 @@
+"""The stages as dramatiq actors on the JetStream broker, and the worker that runs them.
+
+Each stage actor's queue is bound to the previous stage's completion event
+(``requested`` -> download, ``downloaded`` -> compress, ``compressed`` -> upload), so the
+stages never call each other: they only publish facts. Loop-bound clients (NATS publisher,
+Docker, S3) live in a ``Runtime`` opened on the AsyncIO middleware's loop on first use and
+closed when the worker shuts down. A message that fails for good (a permanent error, or
+retries exhausted) publishes a ``failed`` event with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import dramatiq
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.broker import MessageProxy
+from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from actors import stages
+from actors.broker import JetStreamBroker
+from actors.docker_engine import DockerEngine
+from actors.object_store import ObjectStore, open_store
+from dcu import bus
+from dcu.errors import PermanentFailure
+from dcu.settings import Settings
+from events import subjects
+from events.schema import DecodeError, Event, EventType, Failed, Stage
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[[stages.StageContext, Event, int], Awaitable[Event]]
+
+STAGES: dict[Stage, tuple[EventType, StageFn]] = {
+    Stage.DOWNLOAD: (EventType.REQUESTED, stages.download),
+    Stage.COMPRESS: (EventType.DOWNLOADED, stages.compress),
+    Stage.UPLOAD: (EventType.COMPRESSED, stages.upload),
+}
+
+
+def worker_name(role: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+
+
+class Runtime:
+    """Per-process clients for the stage actors, bound to the actors' event loop."""
+
+    def __init__(self, settings: Settings, nats_url: str, name: str) -> None:
+        self.settings = settings
+        self.nats_url = nats_url
+        self.name = name
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._engine: DockerEngine | None = None
+        self._store: ObjectStore | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def _open(self) -> JetStreamContext:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._js is None:
+                self._nc = await bus.connect(self.nats_url, self.settings.nats, self.name)
+                self._js = self._nc.jetstream()
+            return self._js
+
+    async def publish(self, event: Event) -> None:
+        js = self._js or await self._open()
+        await bus.publish(js, event, self.settings.nats.subject_prefix)
+
+    async def context(self) -> stages.StageContext:
+        await self._open()
+        if self._engine is None:
+            self._engine = DockerEngine(self.settings.docker)
+        if self._store is None:
+            self._store = open_store(self.settings.minio)
+        return stages.StageContext(
+            settings=self.settings,
+            engine=self._engine,
+            store=self._store,
+            emit=self.publish,
+            worker=self.name,
+        )
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.close()
+            self._engine = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+            self._js = None
+
+
+def _run_on_actor_loop(coro: Awaitable[Any]) -> Any:
+    thread = get_event_loop_thread()
+    if thread is None:
+        raise RuntimeError("the AsyncIO middleware's event loop is not running")
+    return thread.run_coroutine(coro)
+
+
+class RuntimeLifecycle(Middleware):
+    """Closes the runtime's clients on the actor loop before that loop stops."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        try:
+            _run_on_actor_loop(self.runtime.close())
+        except Exception as exc:
+            log.warning("closing stage clients failed: %s", exc)
+
+
+class FailTaskWhenGivenUp(Middleware):
+    """Publishes ``failed`` for a task whose stage message failed for good.
+
+    Runs after ``Retries``, which marks the message failed when the error is permanent or
+    the retries are exhausted; a message that will be retried publishes nothing.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None or not getattr(message, "failed", False):
+            return
+        task_id = _task_id_of(message)
+        if task_id is None:
+            log.error("message %s failed for good and names no task: %s", message, exception)
+            return
+        stage = message.queue_name.removesuffix(".DQ")
+        reason = f"{stage} failed: {exception}"
+        retries = message.options.get("retries", 0)
+        if retries:
+            reason += f" (after {retries} retries)"
+        log.error("task %s: %s", task_id, reason)
+        event = Event(task_id=task_id, payload=Failed(stage=stage, reason=reason))
+        try:
+            _run_on_actor_loop(self.runtime.publish(event))
+        except Exception as exc:
+            # The stuck-task detector (persistence) ends such a task later.
+            log.error("task %s: could not publish its failure: %s", task_id, exc)
+        if stage == Stage.DOWNLOAD or stage == Stage.COMPRESS:
+            ctx_settings = self.runtime.settings
+            stages.remove_partial_files_for(ctx_settings, task_id)
+
+
+def _task_id_of(message: MessageProxy) -> str | None:
+    if message.args and isinstance(message.args[0], dict):
+        task_id = message.args[0].get("task_id")
+        return str(task_id) if task_id else None
+    return None
+
+
+def build_broker(settings: Settings, nats_url: str, runtime: Runtime) -> JetStreamBroker:
+    workers = settings.workers
+    middleware: list[Middleware] = [
+        AsyncIO(),
+        CurrentMessage(),
+        RuntimeLifecycle(runtime),
+        # ``after_*`` signals run in reverse order: this must stand before Retries so it
+        # sees the message after Retries has decided whether it failed for good.
+        FailTaskWhenGivenUp(runtime),
+        Retries(
+            max_retries=workers.max_retries,
+            min_backoff=workers.min_backoff_ms,
+            max_backoff=workers.max_backoff_ms,
+        ),
+    ]
+    return JetStreamBroker(
+        url=nats_url,
+        stream=settings.nats.stream,
+        subject_prefix=settings.nats.subject_prefix,
+        ack_wait=settings.nats.ack_wait,
+        max_deliver=settings.nats.max_deliver,
+        connect_options=bus.connect_options(settings.nats),
+        middleware=middleware,
+    )
+
+
+def declare_stage(
+    broker: JetStreamBroker, runtime: Runtime, stage: Stage
+) -> dramatiq.Actor[Any, Any]:
+    """Declare ``stage``'s actor, its queue bound to the previous stage's completion event."""
+    trigger, work = STAGES[stage]
+    prefix = runtime.settings.nats.subject_prefix
+
+    async def run(event_data: dict[str, Any]) -> None:
+        try:
+            event = Event.from_dict(event_data)
+        except DecodeError as exc:
+            raise PermanentFailure(f"undecodable {stage} event: {exc}") from exc
+        if event.type is not trigger:
+            raise PermanentFailure(f"{stage} got a {event.type} event, expected {trigger}")
+        message = CurrentMessage.get_current_message()
+        attempt = 1 + int(message.options.get("retries", 0)) if message is not None else 1
+        ctx = await runtime.context()
+        await work(ctx, event, attempt)
+
+    run.__name__ = str(stage)
+    broker.bind_events(str(stage), str(stage), [subjects.every_task(trigger, prefix)])
+    decorate = dramatiq.actor(
+        broker=broker,
+        actor_name=str(stage),
+        queue_name=str(stage),
+        throws=(PermanentFailure,),
+    )
+    return decorate(run)

@@ -1,0 +1,1 @@
+"""Shared wiring for the DCU service: settings, errors, the NATS bus and the ``dcu`` command."""

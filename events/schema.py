@@ -1,0 +1,245 @@
+"""Versioned JSON events: the facts every DCU component publishes and consumes.
+
+Wire format (any NATS client in any language can read it, no dramatiq needed)::
+
+    {"event_id": "<uuid>", "task_id": "<uuid>", "type": "downloaded",
+     "schema_version": 1, "time": "2026-11-27T19:40:21.123456Z",
+     "payload": {"image_id": "sha256:...", "bytes": 1234, ...}}
+
+Decoding ignores unknown fields (newer producers may add some) and encoding drops ``None``
+values. ``DecodeError`` keeps the raw bytes so a poison message can be logged and parked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from events.states import TaskState
+
+SCHEMA_VERSION = 1
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid event; ``raw`` holds them for logging and parking."""
+
+    def __init__(self, message: str, raw: bytes) -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+class EventType(enum.StrEnum):
+    REQUESTED = "requested"  # StartTask: the gateway accepted a task
+    DOWNLOAD_STARTED = "download_started"
+    DOWNLOADED = "downloaded"
+    COMPRESS_STARTED = "compress_started"
+    COMPRESSED = "compressed"
+    UPLOAD_STARTED = "upload_started"
+    UPLOADED = "uploaded"
+    FAILED = "failed"
+    PROGRESS = "progress"
+
+    @property
+    def target_state(self) -> TaskState | None:
+        """The state this event moves its task into, None for facts that do not move it."""
+        return _TARGETS.get(self)
+
+
+_TARGETS: dict[EventType, TaskState] = {
+    EventType.REQUESTED: TaskState.IDLE,
+    EventType.DOWNLOAD_STARTED: TaskState.DOWNLOADING,
+    EventType.COMPRESS_STARTED: TaskState.COMPRESSING,
+    EventType.UPLOAD_STARTED: TaskState.UPLOADING,
+    EventType.UPLOADED: TaskState.COMPLETED,
+    EventType.FAILED: TaskState.FAILED,
+}
+
+
+class Stage(enum.StrEnum):
+    DOWNLOAD = "download"
+    COMPRESS = "compress"
+    UPLOAD = "upload"
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """Base of every payload; subclasses name their event type."""
+
+    type: ClassVar[EventType]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Payload:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class Requested(Payload):
+    type: ClassVar[EventType] = EventType.REQUESTED
+    username: str
+    docker_image_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class StageStarted(Payload):
+    """Shared shape of the three ``*_started`` events; ``worker`` names the process."""
+
+    type: ClassVar[EventType] = EventType.DOWNLOAD_STARTED
+    worker: str = ""
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadStarted(StageStarted):
+    type: ClassVar[EventType] = EventType.DOWNLOAD_STARTED
+
+
+@dataclass(frozen=True, slots=True)
+class CompressStarted(StageStarted):
+    type: ClassVar[EventType] = EventType.COMPRESS_STARTED
+
+
+@dataclass(frozen=True, slots=True)
+class UploadStarted(StageStarted):
+    type: ClassVar[EventType] = EventType.UPLOAD_STARTED
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded(Payload):
+    type: ClassVar[EventType] = EventType.DOWNLOADED
+    docker_image_name: str
+    image_id: str
+    tar_path: str
+    bytes: int
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Compressed(Payload):
+    type: ClassVar[EventType] = EventType.COMPRESSED
+    docker_image_name: str
+    image_id: str
+    gzip_file_name: str
+    bytes_in: int
+    bytes_out: int
+    sha256: str
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded(Payload):
+    type: ClassVar[EventType] = EventType.UPLOADED
+    bucket: str
+    minio_object_name: str
+    bytes: int
+    sha256: str
+    image_id: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(Payload):
+    type: ClassVar[EventType] = EventType.FAILED
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress(Payload):
+    type: ClassVar[EventType] = EventType.PROGRESS
+    stage: str
+    bytes_done: int
+    bytes_total: int | None = None
+    rate: float = 0.0  # bytes per second
+
+
+PAYLOADS: dict[EventType, type[Payload]] = {
+    cls.type: cls
+    for cls in (
+        Requested,
+        DownloadStarted,
+        Downloaded,
+        CompressStarted,
+        Compressed,
+        UploadStarted,
+        Uploaded,
+        Failed,
+        Progress,
+    )
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One fact about one task. ``event_id`` is also the JetStream ``Nats-Msg-Id``."""
+
+    task_id: str
+    payload: Payload
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    time: datetime = field(default_factory=utcnow)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def type(self) -> EventType:
+        return self.payload.type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "task_id": self.task_id,
+            "type": str(self.type),
+            "schema_version": self.schema_version,
+            "time": format_time(self.time),
+            "payload": self.payload.to_dict(),
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: Any, raw: bytes = b"") -> Event:
+        """Build an event from decoded JSON; raises DecodeError when it is not one."""
+        if not isinstance(data, dict):
+            raise DecodeError("event is not a JSON object", raw)
+        try:
+            kind = EventType(data["type"])
+            payload_data = data.get("payload") or {}
+            if not isinstance(payload_data, dict):
+                raise TypeError("payload is not an object")
+            return cls(
+                task_id=str(data["task_id"]),
+                payload=PAYLOADS[kind].from_dict(payload_data),
+                event_id=str(data["event_id"]),
+                time=parse_time(str(data["time"])),
+                schema_version=int(data.get("schema_version", SCHEMA_VERSION)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"not a DCU event: {exc!r}", raw) from exc
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Event:
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DecodeError(f"event is not JSON: {exc}", raw) from exc
+        return cls.from_dict(data, raw)

@@ -1,0 +1,1 @@
+"""Tortoise migrations of the ``dcu`` app, applied in order by ``persistence.database``."""

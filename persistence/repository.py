@@ -1,0 +1,704 @@
+"""The task repository: events in, plain records out.
+
+``TaskRepository.apply`` is the one way the task tables change. It is idempotent (an
+event id already in the transition log changes nothing) and deterministic: every value it
+writes comes from the events themselves (``updated_at`` is the time of the last event that
+changed the row, never the wall clock), so replaying the stream into an empty database
+rebuilds identical rows.
+
+A state change is judged by ``events.states.decide`` and written with a guarded update
+(``... WHERE task_id = ? AND state = <expected>``); zero rows changed is a conflict that is
+recorded, not ignored. Refused events (illegal, already there, unknown task, invalid) are
+recorded in the transition log with ``applied = False`` and the reason; ``apply`` never
+raises for them. Once a task is terminal its row and details no longer change.
+
+Callers get frozen dataclasses, never Tortoise objects. Every method raises
+``persistence.database.DatabaseError`` when the database fails. The module-level functions
+(``get``, ``query``, ``create_if_absent``, ``ping``...) do the same on the database
+``init_database`` opened.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from dcu.errors import InvalidInput, NotFound
+from events.schema import (
+    Compressed,
+    Downloaded,
+    Event,
+    EventType,
+    Failed,
+    Progress,
+    Requested,
+    Uploaded,
+)
+from events.states import TERMINAL_STATES, TaskState, Verdict, decide
+from persistence.database import Database, default_database, translated
+from persistence.models import DcuTask, TaskDetail, TaskTransition
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ERROR_MESSAGE_MAX = 2000
+TRUNCATION_MARK = " …[truncated]"
+DURATION_MAX_MS = 2**31 - 1  # INTEGER column
+BIGINT_MAX = 2**63 - 1
+SQLITE_TAKE_WRITE_LOCK = 'UPDATE "dcu_tasks" SET "id" = "id" WHERE 1 = 0'
+# How often a write that lost a race (unique constraint) is judged again.
+WRITE_ATTEMPTS = 3
+
+
+class ApplyOutcome(enum.StrEnum):
+    """What ``apply`` did with one event."""
+
+    APPLIED = "applied"  # the task changed (created, moved, or facts recorded)
+    DUPLICATE = "duplicate"  # event id already recorded, or the task already exists
+    ALREADY = "already"  # the task is already in the target state; logged, no change
+    ILLEGAL = "illegal"  # the state machine refuses the move; logged, no change
+    CONFLICT = "conflict"  # the guarded update matched no row; logged, no change
+    UNKNOWN_TASK = "unknown_task"  # no such task; logged, no change
+    INVALID = "invalid"  # a value does not fit its column; logged (when possible)
+    PROGRESS = "progress"  # live progress stored in the task's details
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One row of ``dcu_tasks``; times are timezone-aware UTC, ``duration`` in ms."""
+
+    id: int
+    task_id: str
+    username: str
+    docker_image_name: str
+    gzip_file_name: str | None
+    minio_object_name: str | None
+    state: TaskState
+    error_message: str | None
+    start_time: datetime
+    end_time: datetime | None
+    duration: int | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def progress(self) -> int:
+        return self.state.progress
+
+    @property
+    def state_display(self) -> str:
+        return self.state.display
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRecord:
+    """One judged event; ``error`` says why it was not applied."""
+
+    id: int
+    task_id: str
+    from_state: TaskState | None
+    to_state: TaskState | None
+    event_id: str
+    event_type: str
+    stream_seq: int | None
+    time: datetime
+    applied: bool
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDetailRecord:
+    """Facts about a task beyond the seed's columns; ``stage_rate`` in bytes per second."""
+
+    task_id: str
+    image_id: str | None
+    tar_bytes: int | None
+    archive_bytes: int | None
+    archive_sha256: str | None
+    bucket: str | None
+    stage: str | None
+    stage_bytes_done: int | None
+    stage_bytes_total: int | None
+    stage_rate: float | None
+    progress_time: datetime | None
+
+
+def utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive time is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def duration_ms(start: datetime, end: datetime) -> int:
+    """Whole milliseconds from ``start`` to ``end``, clamped to the INTEGER column."""
+    return max(0, min((utc(end) - utc(start)) // timedelta(milliseconds=1), DURATION_MAX_MS))
+
+
+def truncate_message(text: str, limit: int = ERROR_MESSAGE_MAX) -> str:
+    """Keep the start of ``text`` and mark the cut when it is longer than ``limit``."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+
+
+class _Invalid(Exception):
+    """An event value that cannot be stored; the message names the field."""
+
+
+def _text(value: Any, name: str, limit: int | None = None) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{name} is not a string")
+    text: str = value.replace("\x00", "\ufffd")  # PostgreSQL refuses NUL in text
+    if limit is not None and len(text) > limit:
+        raise _Invalid(f"{name} is longer than {limit} characters")
+    return text
+
+
+def _count(value: Any, name: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"{name} is not a number")
+    if not math.isfinite(value) or not 0 <= value <= BIGINT_MAX:
+        raise _Invalid(f"{name} is out of range")
+    return int(value)
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Invalid("rate is not a finite number")
+    return float(value)
+
+
+def _task_record(row: DcuTask) -> TaskRecord:
+    return TaskRecord(
+        id=row.id,
+        task_id=row.task_id,
+        username=row.username,
+        docker_image_name=row.docker_image_name,
+        gzip_file_name=row.gzip_file_name,
+        minio_object_name=row.minio_object_name,
+        state=TaskState(row.state),
+        error_message=row.error_message,
+        start_time=utc(row.start_time),
+        end_time=None if row.end_time is None else utc(row.end_time),
+        duration=row.duration,
+        created_at=utc(row.created_at),
+        updated_at=utc(row.updated_at),
+    )
+
+
+def _transition_record(row: TaskTransition) -> TransitionRecord:
+    return TransitionRecord(
+        id=row.id,
+        task_id=row.task_id,
+        from_state=None if row.from_state is None else TaskState(row.from_state),
+        to_state=None if row.to_state is None else TaskState(row.to_state),
+        event_id=row.event_id,
+        event_type=row.event_type,
+        stream_seq=row.stream_seq,
+        time=utc(row.time),
+        applied=bool(row.applied),
+        error=row.error,
+    )
+
+
+def _detail_record(row: TaskDetail) -> TaskDetailRecord:
+    return TaskDetailRecord(
+        task_id=row.task_id,
+        image_id=row.image_id,
+        tar_bytes=row.tar_bytes,
+        archive_bytes=row.archive_bytes,
+        archive_sha256=row.archive_sha256,
+        bucket=row.bucket,
+        stage=row.stage,
+        stage_bytes_done=row.stage_bytes_done,
+        stage_bytes_total=row.stage_bytes_total,
+        stage_rate=row.stage_rate,
+        progress_time=None if row.progress_time is None else utc(row.progress_time),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Effects:
+    """Column values one event sets on the task row and on its details row."""
+
+    task: dict[str, Any]
+    detail: dict[str, Any]
+
+
+def _effects(event: Event, start_time: datetime) -> _Effects:
+    """The field effects of ``event``; raises _Invalid when a value cannot be stored."""
+    payload = event.payload
+    task: dict[str, Any] = {}
+    detail: dict[str, Any] = {}
+    if isinstance(payload, Downloaded):
+        detail["image_id"] = _text(payload.image_id, "image_id", 200)
+        detail["tar_bytes"] = _count(payload.bytes, "bytes")
+    elif isinstance(payload, Compressed):
+        task["gzip_file_name"] = _text(payload.gzip_file_name, "gzip_file_name", 500)
+        detail["image_id"] = _text(payload.image_id, "image_id", 200)
+        detail["archive_bytes"] = _count(payload.bytes_out, "bytes_out")
+        detail["archive_sha256"] = _text(payload.sha256, "sha256", 64)
+    elif isinstance(payload, Uploaded):
+        task["minio_object_name"] = _text(payload.minio_object_name, "minio_object_name", 500)
+        detail["bucket"] = _text(payload.bucket, "bucket", 100)
+    elif isinstance(payload, Failed):
+        task["error_message"] = truncate_message(_text(payload.reason, "reason"))
+    target = event.type.target_state
+    if target is not None and target in TERMINAL_STATES:
+        end_time = utc(event.time)
+        task["end_time"] = end_time
+        task["duration"] = duration_ms(start_time, end_time)
+    return _Effects(task, detail)
+
+
+class TaskRepository:
+    """Reads and writes the task tables of one database (default: ``init_database``'s)."""
+
+    def __init__(self, database: Database | None = None) -> None:
+        self._database = database
+
+    @property
+    def database(self) -> Database:
+        return self._database if self._database is not None else default_database()
+
+    async def _run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        with self.database.activate(), translated(what):
+            return await operation()
+
+    async def _write(self, what: str, operation: Callable[[BaseDBAsyncClient], Awaitable[T]]) -> T:
+        """Run ``operation`` in a transaction, again when it lost a unique-key race."""
+
+        database = self.database
+
+        async def attempt() -> T:
+            for remaining in range(WRITE_ATTEMPTS - 1, -1, -1):
+                try:
+                    async with in_transaction(database.connection_name) as connection:
+                        if database.dialect == "sqlite":
+                            # Tortoise's BEGIN is deferred: a transaction that reads first
+                            # cannot upgrade to a writer once another process has written
+                            # ("database is locked" at once, no busy wait). A no-op write
+                            # takes the write lock up front, waiting like any writer.
+                            await connection.execute_query(SQLITE_TAKE_WRITE_LOCK)
+                        return await operation(connection)
+                except IntegrityError:
+                    if not remaining:
+                        raise
+                    log.debug("%s: lost a race to a concurrent writer, judging again", what)
+            raise AssertionError("unreachable")
+
+        return await self._run(what, attempt)
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def apply(self, event: Event, stream_seq: int | None = None) -> ApplyOutcome:
+        """Record ``event`` (delivered at ``stream_seq``) and apply it to its task.
+
+        Never raises for an event the state machine or the schema refuses: it is recorded
+        in the transition log (when its ids fit) and the outcome says why. Raises
+        DatabaseError only when the database fails; retrying the same event is then safe.
+        """
+        if event.type is EventType.PROGRESS:
+            return await self._apply_progress(event)
+        return await self._write(
+            f"cannot apply {event.type} event {event.event_id} to task {event.task_id}",
+            lambda connection: self._apply(connection, event, stream_seq),
+        )
+
+    async def create_if_absent(self, event: Event) -> TaskRecord:
+        """Create the task of a ``REQUESTED`` event unless it exists; return its row.
+
+        For the gateway, right after publishing the event, so a status query never 404s;
+        applying the same event later is a duplicate no-op. Raises ValueError when the event
+        is not a REQUESTED event, InvalidInput when its values do not fit the table, and
+        DatabaseError when the database fails.
+        """
+        if not isinstance(event.payload, Requested):
+            raise ValueError(f"create_if_absent needs a requested event, not {event.type}")
+
+        async def create(connection: BaseDBAsyncClient) -> TaskRecord:
+            row = await DcuTask.filter(task_id=event.task_id).using_db(connection).first()
+            if row is None:
+                try:
+                    row = await self._create_task(connection, event, None)
+                except _Invalid as exc:
+                    raise InvalidInput(f"task {event.task_id}: {exc}") from exc
+            return _task_record(row)
+
+        return await self._write(f"cannot create task {event.task_id}", create)
+
+    async def _apply(
+        self, connection: BaseDBAsyncClient, event: Event, stream_seq: int | None
+    ) -> ApplyOutcome:
+        seen = await TaskTransition.filter(event_id=event.event_id).using_db(connection).first()
+        if seen is not None:
+            if seen.stream_seq is None and stream_seq is not None:
+                # Recorded before the stream delivered it (create_if_absent): note where.
+                await (
+                    TaskTransition.filter(id=seen.id, stream_seq=None)
+                    .using_db(connection)
+                    .update(stream_seq=stream_seq)
+                )
+            log.debug("task %s: event %s already recorded", event.task_id, event.event_id)
+            return ApplyOutcome.DUPLICATE
+        if len(event.task_id) > 100 or len(event.event_id) > 100:
+            log.warning(
+                "task %s: event %s refused: task or event id longer than 100 characters",
+                event.task_id[:100],
+                event.event_id[:100],
+            )
+            return ApplyOutcome.INVALID
+
+        row = await DcuTask.filter(task_id=event.task_id).using_db(connection).first()
+        target = event.type.target_state
+        try:
+            if event.type is EventType.REQUESTED:
+                if row is not None:
+                    idle, exists = TaskState.IDLE, "task already exists"
+                    await self._log(connection, event, stream_seq, row.state, idle, exists)
+                    log.info("task %s: already exists, %s ignored", event.task_id, event.event_id)
+                    return ApplyOutcome.DUPLICATE
+                await self._create_task(connection, event, stream_seq)
+                return ApplyOutcome.APPLIED
+            if row is None:
+                await self._log(connection, event, stream_seq, None, target, "unknown task")
+                log.warning(
+                    "task %s: %s event %s for an unknown task recorded, not applied",
+                    event.task_id,
+                    event.type,
+                    event.event_id,
+                )
+                return ApplyOutcome.UNKNOWN_TASK
+            current = TaskState(row.state)
+            effects = _effects(event, row.start_time)
+        except _Invalid as exc:
+            known = None if row is None else row.state
+            await self._log(connection, event, stream_seq, known, target, f"invalid event: {exc}")
+            log.warning(
+                "task %s: %s event %s refused: %s", event.task_id, event.type, event.event_id, exc
+            )
+            return ApplyOutcome.INVALID
+
+        if target is None:
+            return await self._record_facts(connection, event, stream_seq, current, effects)
+        return await self._move(connection, event, stream_seq, current, target, effects)
+
+    async def _create_task(
+        self, connection: BaseDBAsyncClient, event: Event, stream_seq: int | None
+    ) -> DcuTask:
+        payload = event.payload
+        assert isinstance(payload, Requested)
+        if len(event.task_id) > 100 or len(event.event_id) > 100:
+            raise _Invalid("task or event id longer than 100 characters")
+        username = _text(payload.username, "username", 100)
+        image = _text(payload.docker_image_name, "docker_image_name", 500)
+        moment = utc(event.time)
+        row = await DcuTask.create(
+            using_db=connection,
+            task_id=event.task_id,
+            username=username,
+            docker_image_name=image,
+            state=TaskState.IDLE.value,
+            start_time=moment,
+            created_at=moment,
+            updated_at=moment,
+        )
+        await self._log(connection, event, stream_seq, None, TaskState.IDLE, None)
+        log.info("task %s: created (%s for %s)", event.task_id, image, username)
+        return row
+
+    async def _record_facts(
+        self,
+        connection: BaseDBAsyncClient,
+        event: Event,
+        stream_seq: int | None,
+        current: TaskState,
+        effects: _Effects,
+    ) -> ApplyOutcome:
+        """Apply an event that names no state (``downloaded``, ``compressed``)."""
+        if current.terminal:
+            await self._log(connection, event, stream_seq, current, current, f"already {current}")
+            log.info("task %s: %s after %s ignored", event.task_id, event.type, current)
+            return ApplyOutcome.ALREADY
+        if effects.task:
+            changed = await (
+                DcuTask.filter(task_id=event.task_id, state=current.value)
+                .using_db(connection)
+                .update(**effects.task, updated_at=utc(event.time))
+            )
+            if not changed:
+                reason = f"conflict: task left {current} before {event.type} was written"
+                await self._log(connection, event, stream_seq, current, current, reason)
+                log.warning("task %s: %s", event.task_id, reason)
+                return ApplyOutcome.CONFLICT
+        await self._update_details(connection, event.task_id, effects.detail)
+        await self._log(connection, event, stream_seq, current, current, None, applied=True)
+        log.info("task %s: %s recorded (state %s)", event.task_id, event.type, current)
+        return ApplyOutcome.APPLIED
+
+    async def _move(
+        self,
+        connection: BaseDBAsyncClient,
+        event: Event,
+        stream_seq: int | None,
+        current: TaskState,
+        target: TaskState,
+        effects: _Effects,
+    ) -> ApplyOutcome:
+        decision = decide(current, target)
+        if decision.verdict is Verdict.ALREADY:
+            await self._log(connection, event, stream_seq, current, target, f"already {target}")
+            log.info("task %s: already %s, %s ignored", event.task_id, target, event.event_id)
+            return ApplyOutcome.ALREADY
+        if decision.verdict is Verdict.ILLEGAL:
+            await self._log(connection, event, stream_seq, current, target, decision.reason)
+            log.warning("task %s: %s refused (%s)", event.task_id, event.type, decision.reason)
+            return ApplyOutcome.ILLEGAL
+        changed = await (
+            DcuTask.filter(task_id=event.task_id, state=current.value)
+            .using_db(connection)
+            .update(state=target.value, updated_at=utc(event.time), **effects.task)
+        )
+        if not changed:
+            reason = f"conflict: task left {current} before {current} -> {target} was written"
+            await self._log(connection, event, stream_seq, current, target, reason)
+            log.warning("task %s: %s", event.task_id, reason)
+            return ApplyOutcome.CONFLICT
+        await self._update_details(connection, event.task_id, effects.detail)
+        await self._log(connection, event, stream_seq, current, target, None, applied=True)
+        log.info("task %s: %s -> %s (%s)", event.task_id, current, target, event.type)
+        return ApplyOutcome.APPLIED
+
+    async def _update_details(
+        self, connection: BaseDBAsyncClient, task_id: str, values: dict[str, Any]
+    ) -> None:
+        if not values:
+            return
+        updated = await TaskDetail.filter(task_id=task_id).using_db(connection).update(**values)
+        if not updated:
+            await TaskDetail.create(using_db=connection, task_id=task_id, **values)
+
+    async def _log(
+        self,
+        connection: BaseDBAsyncClient,
+        event: Event,
+        stream_seq: int | None,
+        from_state: str | None,
+        to_state: TaskState | None,
+        error: str | None,
+        *,
+        applied: bool | None = None,
+    ) -> None:
+        await TaskTransition.create(
+            using_db=connection,
+            task_id=event.task_id,
+            from_state=None if from_state is None else str(from_state),
+            to_state=None if to_state is None else to_state.value,
+            event_id=event.event_id,
+            event_type=event.type.value,
+            stream_seq=stream_seq,
+            time=utc(event.time),
+            applied=error is None if applied is None else applied,
+            error=error,
+        )
+
+    async def _apply_progress(self, event: Event) -> ApplyOutcome:
+        """Store live progress with one upsert; an older report never replaces a newer."""
+        payload = event.payload
+        assert isinstance(payload, Progress)
+        try:
+            if len(event.task_id) > 100:
+                raise _Invalid("task id longer than 100 characters")
+            values = [
+                event.task_id,
+                _text(payload.stage, "stage", 20),
+                _count(payload.bytes_done, "bytes_done"),
+                _count(payload.bytes_total, "bytes_total", optional=True),
+                _rate(payload.rate),
+                utc(event.time),
+            ]
+        except _Invalid as exc:
+            log.warning(
+                "task %s: progress event %s refused: %s", event.task_id[:100], event.event_id, exc
+            )
+            return ApplyOutcome.INVALID
+
+        async def upsert() -> None:
+            database = self.database
+            marks = ["?"] * 6 if database.dialect == "sqlite" else [f"${i}" for i in range(1, 7)]
+            sql = (
+                'INSERT INTO "dcu_task_details" ("task_id", "stage", "stage_bytes_done", '
+                '"stage_bytes_total", "stage_rate", "progress_time") '
+                f"VALUES ({', '.join(marks)}) "
+                'ON CONFLICT ("task_id") DO UPDATE SET "stage" = excluded."stage", '
+                '"stage_bytes_done" = excluded."stage_bytes_done", '
+                '"stage_bytes_total" = excluded."stage_bytes_total", '
+                '"stage_rate" = excluded."stage_rate", '
+                '"progress_time" = excluded."progress_time" '
+                'WHERE "dcu_task_details"."progress_time" IS NULL '
+                'OR "dcu_task_details"."progress_time" <= excluded."progress_time"'
+            )
+            await database.client.execute_query(sql, values)
+
+        await self._run(f"cannot record progress of task {event.task_id}", upsert)
+        return ApplyOutcome.PROGRESS
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord:
+        """The task ``task_id``; raises NotFound when there is none, DatabaseError."""
+
+        async def read() -> DcuTask | None:
+            return await DcuTask.filter(task_id=task_id).first()
+
+        row = await self._run(f"cannot read task {task_id}", read)
+        if row is None:
+            raise NotFound(f"task {task_id} not found")
+        return _task_record(row)
+
+    async def get_detail(self, task_id: str) -> TaskDetailRecord | None:
+        """The details of ``task_id``, None when nothing beyond the task row is known."""
+
+        async def read() -> TaskDetail | None:
+            return await TaskDetail.filter(task_id=task_id).first()
+
+        row = await self._run(f"cannot read details of task {task_id}", read)
+        return None if row is None else _detail_record(row)
+
+    async def transitions(self, task_id: str) -> list[TransitionRecord]:
+        """Every event recorded for ``task_id`` by stream sequence, then id (empty for an
+        unknown task). Events not yet delivered by the stream (``stream_seq`` None) come last.
+        """
+
+        async def read() -> list[TaskTransition]:
+            return await TaskTransition.filter(task_id=task_id)
+
+        rows = await self._run(f"cannot read transitions of task {task_id}", read)
+        rows.sort(key=lambda row: (row.stream_seq is None, row.stream_seq or 0, row.id))
+        return [_transition_record(row) for row in rows]
+
+    async def query(
+        self,
+        *,
+        docker_image_name: str | None = None,
+        username: str | None = None,
+        state: TaskState | None = None,
+        page: int = 1,
+        page_size: int = 20,
+    ) -> tuple[int, list[TaskRecord]]:
+        """One page of tasks, newest first, and how many match in total.
+
+        ``docker_image_name`` matches a case-insensitive substring (``%`` and ``_`` are
+        literal); ``username`` and ``state`` match exactly; empty filters are ignored.
+        Raises InvalidInput when ``page`` or ``page_size`` is below 1.
+        """
+        if page < 1 or page_size < 1:
+            raise InvalidInput("page and page_size must be at least 1")
+
+        async def read() -> tuple[int, list[DcuTask]]:
+            rows = DcuTask.all()
+            if docker_image_name:
+                rows = rows.filter(docker_image_name__icontains=docker_image_name)
+            if username:
+                rows = rows.filter(username=username)
+            if state is not None:
+                rows = rows.filter(state=TaskState(state).value)
+            total = await rows.count()
+            page_rows = await (
+                rows.order_by("-start_time", "-id").offset((page - 1) * page_size).limit(page_size)
+            )
+            return total, page_rows
+
+        total, rows = await self._run("cannot query tasks", read)
+        return total, [_task_record(row) for row in rows]
+
+    async def active_tasks(self, older_than: datetime) -> list[TaskRecord]:
+        """Non-terminal tasks last changed before ``older_than``, oldest change first."""
+
+        async def read() -> list[DcuTask]:
+            return await DcuTask.filter(
+                updated_at__lt=utc(older_than),
+                state__not_in=[state.value for state in TERMINAL_STATES],
+            ).order_by("updated_at", "id")
+
+        rows = await self._run("cannot list active tasks", read)
+        return [_task_record(row) for row in rows]
+
+    async def ping(self) -> None:
+        """Check the database answers (health checks); raises DatabaseError when not."""
+
+        async def select_one() -> None:
+            await self.database.client.execute_query("SELECT 1")
+
+        await self._run("database does not answer", select_one)
+
+
+# -- the default repository -----------------------------------------------------------
+# Module-level shortcuts over the database ``init_database`` opened, for callers that do
+# not hold a TaskRepository (the gateway). Each raises RuntimeError before init_database.
+
+
+async def apply(event: Event, stream_seq: int | None = None) -> ApplyOutcome:
+    """``TaskRepository.apply`` on the default database."""
+    return await TaskRepository().apply(event, stream_seq)
+
+
+async def create_if_absent(event: Event) -> TaskRecord:
+    """``TaskRepository.create_if_absent`` on the default database."""
+    return await TaskRepository().create_if_absent(event)
+
+
+async def get(task_id: str) -> TaskRecord:
+    """``TaskRepository.get`` on the default database (raises NotFound)."""
+    return await TaskRepository().get(task_id)
+
+
+async def get_detail(task_id: str) -> TaskDetailRecord | None:
+    """``TaskRepository.get_detail`` on the default database."""
+    return await TaskRepository().get_detail(task_id)
+
+
+async def transitions(task_id: str) -> list[TransitionRecord]:
+    """``TaskRepository.transitions`` on the default database."""
+    return await TaskRepository().transitions(task_id)
+
+
+async def query(
+    *,
+    docker_image_name: str | None = None,
+    username: str | None = None,
+    state: TaskState | None = None,
+    page: int = 1,
+    page_size: int = 20,
+) -> tuple[int, list[TaskRecord]]:
+    """``TaskRepository.query`` on the default database (raises InvalidInput)."""
+    return await TaskRepository().query(
+        docker_image_name=docker_image_name,
+        username=username,
+        state=state,
+        page=page,
+        page_size=page_size,
+    )
+
+
+async def active_tasks(older_than: datetime) -> list[TaskRecord]:
+    """``TaskRepository.active_tasks`` on the default database."""
+    return await TaskRepository().active_tasks(older_than)
+
+
+async def ping() -> None:
+    """``TaskRepository.ping`` on the default database."""
+    await TaskRepository().ping()

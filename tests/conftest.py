@@ -1,0 +1,91 @@
+"""Session-wide real servers: Docker engine, registry, S3 (moto), NATS, PostgreSQL.
+
+Every server runs on a free loopback port (or a private unix socket), is started
+lazily by the first test that asks for it, and is stopped by its pid when the session
+ends. A server that cannot start fails the test; nothing is ever skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers.docker_engine import DockerEngine
+from tests.servers.images import PushedImages
+from tests.servers.nats import NatsServer
+from tests.servers.postgres import create_database, drop_database
+from tests.servers.postgres import postgres_dsn as ensure_postgres
+from tests.servers.registry import Registry
+from tests.servers.s3 import S3Server
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    engine = DockerEngine(tmp_path_factory.mktemp("dockerd"))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    server = Registry(tmp_path_factory.mktemp("registry"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(store=tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> str:
+    """DSN of the shared ``test`` database; prefer ``postgres_database`` in tests."""
+    return ensure_postgres()
+
+
+@pytest.fixture
+def postgres_database(postgres_dsn: str) -> Iterator[str]:
+    """DSN of a fresh, empty ``dcu_<uuid8>`` database, dropped after the test."""
+    dsn = create_database()
+    try:
+        yield dsn
+    finally:
+        drop_database(dsn)
+
+
+@pytest.fixture(scope="session")
+def pushed_images(
+    docker_engine: DockerEngine,
+    registry: Registry,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[PushedImages]:
+    """SMALL, LARGE and NESTED by name; each is built and pushed on first access."""
+    contexts = tmp_path_factory.mktemp("image-contexts")
+    try:
+        yield PushedImages(docker_engine, registry, contexts)
+    finally:
+        shutil.rmtree(contexts, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""What the end-to-end tests check an archive and a task with, against the real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import sqlite3
+import subprocess
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+from miniopy_async import Minio
+
+from tests.servers.docker_engine import DockerEngine
+from tests.servers.s3 import S3Server
+
+TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+STATUS_FIELDS = {
+    "task_id",
+    "state",
+    "state_display",
+    "docker_image_name",
+    "gzip_file_name",
+    "minio_object_name",
+    "progress",
+    "duration",
+    "username",
+    "start_time",
+    "end_time",
+    "error_message",
+}
+
+
+class EventRecorder:
+    """Subscribes (core NATS, no JetStream) to ``<prefix>.>`` in a thread of its own."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        self.url = url
+        self.subject = subject
+        self.events: list[dict[str, Any]] = []
+        self.subjects: list[str] = []
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        nc = await nats.connect(self.url)
+
+        async def handler(msg: Any) -> None:
+            self.subjects.append(msg.subject)
+            try:
+                self.events.append(json.loads(msg.data))
+            except ValueError:
+                self.events.append({"raw": msg.data.decode(errors="replace")})
+
+        await nc.subscribe(self.subject, cb=handler)
+        await nc.flush()
+        self._ready.set()
+        await self._stop.wait()
+        await nc.drain()
+
+    def __enter__(self) -> EventRecorder:
+        self._thread.start()
+        assert self._ready.wait(10), "event recorder did not connect"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def for_task(self, task_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("task_id") == task_id]
+
+
+def fetch_object(s3: S3Server, bucket: str, name: str, dest: Path) -> dict[str, str]:
+    async def main() -> dict[str, str]:
+        client = Minio(
+            s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=False
+        )
+        try:
+            await client.fget_object(bucket, name, str(dest))
+            stat = await client.stat_object(bucket, name)
+            return {str(k).lower(): str(v) for k, v in (stat.metadata or {}).items()}
+        finally:
+            await client.close_session()
+
+    return asyncio.run(main())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_and_get_id(engine: DockerEngine, archive: Path, forget: list[str]) -> str:
+    """``docker rmi`` the given names, ``docker load -i`` the archive, return the image ID."""
+    for name in forget:
+        engine.docker("rmi", "-f", name, check=False)
+    for name in forget:
+        gone = engine.docker("image", "inspect", name, check=False)
+        assert gone.returncode != 0, f"{name} still in the engine before load"
+    out = engine.docker("load", "-i", str(archive)).stdout
+    if match := re.search(r"Loaded image ID: (sha256:[0-9a-f]{64})", out):
+        return match.group(1)
+    match = re.search(r"Loaded image: (\S+)", out)
+    assert match, f"unexpected docker load output: {out!r}"
+    return engine.docker("image", "inspect", "--format", "{{.Id}}", match.group(1)).stdout.strip()
+
+
+def tar_members(archive: Path) -> list[str]:
+    out = subprocess.run(["tar", "tzf", str(archive)], check=True, capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def transitions(db: Path, task_id: str) -> list[tuple[str | None, str | None, bool]]:
+    """The state changes in the transition log, in stream order (field-only events and
+    refused duplicates, which the log also keeps, are left out)."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "select from_state, to_state, applied from dcu_task_transitions "
+            "where task_id = ? and applied and (from_state is null or from_state != to_state) "
+            "order by stream_seq, id",
+            (task_id,),
+        ).fetchall()
+    return [(a, b, bool(c)) for a, b, c in rows]
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S")

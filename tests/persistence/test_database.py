@@ -1,0 +1,218 @@
+"""Opening, migrating and closing databases, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from tortoise.migrations.autodetector import MigrationAutodetector
+
+from events.states import TaskState
+from persistence import database as database_module
+from persistence import repository
+from persistence.database import (
+    Database,
+    DatabaseError,
+    close_database,
+    default_database,
+    init_database,
+    migrate,
+    tortoise_config,
+)
+from persistence.models import APP_LABEL
+from persistence.repository import ApplyOutcome, TaskRepository
+from tests.persistence.conftest import Timeline, table_rows
+from tests.servers.postgres import dsn_for
+
+ALL_MIGRATIONS = ["0001_initial"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_migrations_apply_once_and_then_do_nothing(
+    database_urls: Callable[[], str],
+) -> None:
+    url = database_urls()
+
+    assert await migrate(url) == ALL_MIGRATIONS
+    assert await migrate(url) == []
+
+    database = await Database.open(url)  # migrates again on open: nothing to do
+    try:
+        assert await database.migrate() == []
+        applied = await table_rows(database, "tortoise_migrations", "applied_at")
+        assert [(row["app"], row["name"]) for row in applied] == [(APP_LABEL, "0001_initial")]
+    finally:
+        await database.close()
+        await database.close()  # closing twice is fine
+
+
+async def test_two_processes_migrating_at_once_both_succeed(
+    database_urls: Callable[[], str],
+) -> None:
+    url = database_urls()
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from persistence.database import migrate
+        print(",".join(asyncio.run(migrate({url!r}))))
+        """
+    )
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    first, second = await asyncio.gather(asyncio.to_thread(run), asyncio.to_thread(run))
+
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    outputs = sorted([first.stdout.strip(), second.stdout.strip()])
+    assert outputs == ["", "0001_initial"]
+    assert await migrate(url) == []
+
+
+async def test_the_default_database_can_be_initialised_twice(
+    database_urls: Callable[[], str],
+) -> None:
+    url = database_urls()
+    try:
+        await init_database(url)
+        await init_database(url)
+        timeline = Timeline()
+        requested = timeline.requested()
+        record = await repository.create_if_absent(requested)
+        assert await repository.apply(requested, 1) is ApplyOutcome.DUPLICATE
+        assert await repository.apply(timeline.failed(), 2) is ApplyOutcome.APPLIED
+        assert (await repository.get(timeline.task_id)).state is TaskState.FAILED
+        assert await repository.get_detail(timeline.task_id) is None
+        assert len(await repository.transitions(timeline.task_id)) == 2
+        assert await repository.query(state=TaskState.IDLE) == (0, [])
+        assert await repository.active_tasks(requested.time + timedelta(days=1)) == []
+        await repository.ping()
+        assert record.task_id == timeline.task_id
+        assert default_database().url == url
+    finally:
+        await close_database()
+        await close_database()
+    with pytest.raises(RuntimeError):
+        default_database()
+    with pytest.raises(RuntimeError):
+        await repository.ping()
+
+
+async def test_models_and_migrations_agree(database: Database) -> None:
+    # A model change without its migration would show up here as a pending change.
+    apps = tortoise_config(database.url)["apps"]
+    with database.activate():
+        context_apps = database._context.apps
+        assert context_apps is not None
+        writers = await MigrationAutodetector(context_apps, apps).changes()
+    assert [writer.name for writer in writers] == []
+
+
+async def test_an_unreachable_database_raises_database_error(backend: str, tmp_path: Path) -> None:
+    if backend == "sqlite":
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        url = f"sqlite://{blocker / 'sub' / 'dcu.db'}"
+    else:
+        url = dsn_for("dcu_no_such_database")
+
+    with pytest.raises(DatabaseError):
+        await Database.open(url)
+    assert not database_module._open
+
+
+async def test_a_closed_database_cannot_be_used_by_its_repository(
+    database: Database,
+) -> None:
+    tasks = TaskRepository(database)
+    timeline = Timeline()
+    await tasks.apply(timeline.requested(), 1)
+    await tasks.ping()
+    await database.close()
+
+    with pytest.raises(DatabaseError, match="is closed"):
+        await tasks.get(timeline.task_id)
+    with pytest.raises(DatabaseError):
+        await tasks.ping()
+
+
+async def test_unsupported_urls_are_refused() -> None:
+    with pytest.raises(ValueError):
+        await Database.open("mysql://root@localhost/dcu")
+
+
+async def test_sqlite_and_postgres_cannot_be_open_at_once(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    sqlite = await Database.open(f"sqlite://{tmp_path / 'dcu.db'}")
+    try:
+        with pytest.raises(DatabaseError, match="while a sqlite one is open"):
+            await Database.open(postgres_dsn, migrate=False)
+    finally:
+        await sqlite.close()
+
+
+async def test_two_processes_writing_at_once_never_fail(
+    database_urls: Callable[[], str],
+) -> None:
+    # Given one database and two processes applying whole pipelines into it at once
+    url = database_urls()
+    await migrate(url)
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from persistence.database import Database
+        from persistence.repository import TaskRepository
+        from tests.persistence.conftest import Timeline
+
+        async def main():
+            database = await Database.open({url!r})
+            repository = TaskRepository(database)
+            try:
+                for _ in range(25):
+                    for event in Timeline().happy_path():
+                        await repository.apply(event, None)
+            finally:
+                await database.close()
+
+        asyncio.run(main())
+        """
+    )
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    # When both run
+    results = await asyncio.gather(asyncio.to_thread(run), asyncio.to_thread(run))
+
+    # Then neither saw a database error and every task completed
+    assert [r.returncode for r in results] == [0, 0], "".join(r.stderr for r in results)
+    database = await Database.open(url)
+    try:
+        total, _ = await TaskRepository(database).query(page=1, page_size=1)
+        completed, _ = await TaskRepository(database).query(
+            state=TaskState.COMPLETED, page=1, page_size=1
+        )
+    finally:
+        await database.close()
+    assert (total, completed) == (50, 50)

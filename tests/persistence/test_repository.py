@@ -1,0 +1,526 @@
+"""The repository contract, run against SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from dcu.errors import InvalidInput, NotFound
+from events.schema import (
+    Compressed,
+    Downloaded,
+    Event,
+    Failed,
+    Requested,
+)
+from events.states import LEGAL_TRANSITIONS, TaskState, Verdict, decide
+from persistence.database import Database
+from persistence.repository import (
+    ERROR_MESSAGE_MAX,
+    TRUNCATION_MARK,
+    ApplyOutcome,
+    TaskRecord,
+    TaskRepository,
+)
+from tests.persistence.conftest import T0, Timeline, table_columns, table_indexes
+
+SEED_COLUMNS = {
+    "id": False,
+    "task_id": False,
+    "username": False,
+    "docker_image_name": False,
+    "gzip_file_name": True,
+    "minio_object_name": True,
+    "state": False,
+    "error_message": True,
+    "start_time": False,
+    "end_time": True,
+    "duration": True,
+    "created_at": False,
+    "updated_at": False,
+}
+
+
+async def apply_all(repository: TaskRepository, events: list[Event], first_seq: int = 1) -> None:
+    for seq, event in enumerate(events, start=first_seq):
+        await repository.apply(event, seq)
+
+
+def events_to(timeline: Timeline, state: TaskState) -> list[Event]:
+    """Events that bring a new task to ``state`` along legal transitions."""
+    path = timeline.happy_path()
+    upto = {
+        TaskState.IDLE: 1,
+        TaskState.DOWNLOADING: 2,
+        TaskState.COMPRESSING: 4,
+        TaskState.UPLOADING: 6,
+        TaskState.COMPLETED: 7,
+    }
+    if state is TaskState.FAILED:
+        return [path[0], timeline.failed()]
+    return path[: upto[state]]
+
+
+def moving_event(timeline: Timeline, target: TaskState) -> Event:
+    """A fresh event (new id) that asks ``timeline``'s task to move to ``target``."""
+    if target is TaskState.IDLE:
+        return timeline.event(Requested(username="test_user", docker_image_name="nginx:latest"))
+    if target is TaskState.FAILED:
+        return timeline.failed("late failure")
+    index = {
+        TaskState.DOWNLOADING: 1,
+        TaskState.COMPRESSING: 3,
+        TaskState.UPLOADING: 5,
+        TaskState.COMPLETED: 6,
+    }
+    return timeline.event(Timeline(timeline.task_id).happy_path()[index[target]].payload)
+
+
+# -- schema ---------------------------------------------------------------------------
+
+
+async def test_dcu_tasks_has_the_seed_columns_and_indexes(database: Database) -> None:
+    columns = await table_columns(database, "dcu_tasks")
+    indexes = await table_indexes(database, "dcu_tasks")
+
+    assert columns == SEED_COLUMNS
+    assert indexes == {
+        ("task_id",): True,
+        ("username",): False,
+        ("docker_image_name",): False,
+        ("state",): False,
+        ("start_time",): False,
+    }
+
+
+async def test_side_tables_are_keyed_for_idempotency(database: Database) -> None:
+    transitions = await table_indexes(database, "dcu_task_transitions")
+    details = await table_indexes(database, "dcu_task_details")
+
+    assert transitions == {("event_id",): True, ("task_id",): False}
+    assert details == {("task_id",): True}
+
+
+# -- the pipeline ---------------------------------------------------------------------
+
+
+async def test_happy_path_completes_the_task(repository: TaskRepository) -> None:
+    # Given the events of a successful pipeline
+    timeline = Timeline()
+    events = timeline.happy_path()
+
+    # When they are applied in order
+    outcomes = [await repository.apply(event, seq) for seq, event in enumerate(events, 1)]
+
+    # Then the task is completed, named and timed by the events themselves
+    assert outcomes == [ApplyOutcome.APPLIED] * len(events)
+    task = await repository.get(timeline.task_id)
+    start, end = events[0].time, events[-1].time
+    assert task == TaskRecord(
+        id=task.id,
+        task_id=timeline.task_id,
+        username="test_user",
+        docker_image_name="nginx:latest",
+        gzip_file_name="./data/gzip/nginx_latest.tar.gz",
+        minio_object_name="dcu/nginx_latest.tar.gz",
+        state=TaskState.COMPLETED,
+        error_message=None,
+        start_time=start,
+        end_time=end,
+        duration=(end - start) // timedelta(milliseconds=1),
+        created_at=start,
+        updated_at=end,
+    )
+    assert task.duration == 9000
+    assert (task.progress, task.state_display) == (100, "已完成")
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None
+    assert (detail.image_id, detail.tar_bytes, detail.archive_bytes) == ("sha256:abc", 1000, 400)
+    assert (detail.archive_sha256, detail.bucket) == ("f" * 64, "dcu-artifacts")
+
+    log = await repository.transitions(timeline.task_id)
+    assert [(t.from_state, t.to_state) for t in log] == [
+        (None, TaskState.IDLE),
+        (TaskState.IDLE, TaskState.DOWNLOADING),
+        (TaskState.DOWNLOADING, TaskState.DOWNLOADING),
+        (TaskState.DOWNLOADING, TaskState.COMPRESSING),
+        (TaskState.COMPRESSING, TaskState.COMPRESSING),
+        (TaskState.COMPRESSING, TaskState.UPLOADING),
+        (TaskState.UPLOADING, TaskState.COMPLETED),
+    ]
+    assert all(t.applied and t.error is None for t in log)
+    assert [t.stream_seq for t in log] == list(range(1, 8))
+    assert [t.event_id for t in log] == [e.event_id for e in events]
+    assert [t.time for t in log] == [e.time for e in events]
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        pytest.param(TaskState.IDLE, id="idle"),
+        pytest.param(TaskState.DOWNLOADING, id="downloading"),
+        pytest.param(TaskState.COMPRESSING, id="compressing"),
+        pytest.param(TaskState.UPLOADING, id="uploading"),
+    ],
+)
+async def test_failure_records_the_error_and_ends_the_task(
+    repository: TaskRepository, state: TaskState
+) -> None:
+    timeline = Timeline()
+    events = events_to(timeline, state)
+    await apply_all(repository, events)
+    failure = timeline.failed("no such image: nginx:nope")
+
+    assert await repository.apply(failure, len(events) + 1) is ApplyOutcome.APPLIED
+
+    task = await repository.get(timeline.task_id)
+    assert task.state is TaskState.FAILED
+    assert task.error_message == "no such image: nginx:nope"
+    assert task.end_time == failure.time
+    assert task.updated_at == failure.time
+    assert task.duration == (failure.time - events[0].time) // timedelta(milliseconds=1)
+    assert (task.progress, task.state_display) == (-1, "失败")
+
+
+async def test_a_long_failure_reason_keeps_its_start_and_says_it_was_cut(
+    repository: TaskRepository,
+) -> None:
+    timeline = Timeline()
+    await repository.apply(timeline.requested(), 1)
+    reason = "x" * 1500 + "y" * 1500
+
+    await repository.apply(timeline.failed(reason), 2)
+
+    message = (await repository.get(timeline.task_id)).error_message
+    assert message is not None
+    assert len(message) == ERROR_MESSAGE_MAX
+    assert message.startswith("x" * 1500 + "y")
+    assert message.endswith(TRUNCATION_MARK)
+
+
+async def test_every_illegal_or_repeated_move_is_recorded_and_changes_nothing(
+    repository: TaskRepository,
+) -> None:
+    checked = 0
+    for current in TaskState:
+        for target in TaskState:
+            decision = decide(current, target)
+            if decision.verdict is Verdict.APPLY:
+                continue
+            # Given a task in ``current``
+            timeline = Timeline()
+            events = events_to(timeline, current)
+            await apply_all(repository, events)
+            before = await repository.get(timeline.task_id)
+            detail_before = await repository.get_detail(timeline.task_id)
+            # When an event asks for a move the state machine does not allow from there
+            event = moving_event(timeline, target)
+            outcome = await repository.apply(event, 100)
+            # Then it is recorded as refused and the task row is untouched
+            pair = f"{current} -> {target}"
+            assert await repository.get(timeline.task_id) == before, pair
+            assert await repository.get_detail(timeline.task_id) == detail_before, pair
+            last = (await repository.transitions(timeline.task_id))[-1]
+            assert last.event_id == event.event_id, pair
+            assert last.applied is False, pair
+            if target is TaskState.IDLE:
+                assert outcome is ApplyOutcome.DUPLICATE, pair
+                assert last.error == "task already exists", pair
+            elif decision.verdict is Verdict.ALREADY:
+                assert outcome is ApplyOutcome.ALREADY, pair
+                assert last.error == f"already {target}", pair
+            else:
+                assert outcome is ApplyOutcome.ILLEGAL, pair
+                assert last.error == f"illegal transition {current} -> {target}", pair
+            assert (last.from_state, last.to_state) == (current, target), pair
+            checked += 1
+    assert checked == len(TaskState) ** 2 - len(LEGAL_TRANSITIONS)
+
+
+async def test_late_facts_do_not_touch_a_terminal_task(repository: TaskRepository) -> None:
+    timeline = Timeline()
+    events = timeline.happy_path()
+    await apply_all(repository, events)
+    before = await repository.get(timeline.task_id)
+    late = timeline.event(
+        Compressed(
+            docker_image_name="nginx:latest",
+            image_id="sha256:other",
+            gzip_file_name="./data/gzip/other.tar.gz",
+            bytes_in=1,
+            bytes_out=1,
+            sha256="0" * 64,
+        )
+    )
+
+    assert await repository.apply(late, 50) is ApplyOutcome.ALREADY
+
+    assert await repository.get(timeline.task_id) == before
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None and detail.image_id == "sha256:abc"
+
+
+async def test_a_redelivered_event_changes_nothing(repository: TaskRepository) -> None:
+    timeline = Timeline()
+    events = timeline.happy_path()[:3]
+    await apply_all(repository, events)
+    before = await repository.get(timeline.task_id)
+    log_before = await repository.transitions(timeline.task_id)
+
+    for event in events:
+        assert await repository.apply(event, 99) is ApplyOutcome.DUPLICATE
+
+    assert await repository.get(timeline.task_id) == before
+    assert await repository.transitions(timeline.task_id) == log_before
+
+
+async def test_an_event_for_an_unknown_task_is_logged_not_applied(
+    repository: TaskRepository,
+) -> None:
+    timeline = Timeline()
+    event = timeline.event(Failed(stage="download", reason="boom"))
+
+    assert await repository.apply(event, 7) is ApplyOutcome.UNKNOWN_TASK
+
+    with pytest.raises(NotFound):
+        await repository.get(timeline.task_id)
+    [entry] = await repository.transitions(timeline.task_id)
+    assert (entry.applied, entry.error, entry.stream_seq) == (False, "unknown task", 7)
+    assert (entry.from_state, entry.to_state) == (None, TaskState.FAILED)
+    assert await repository.apply(event, 7) is ApplyOutcome.DUPLICATE
+
+
+async def test_create_if_absent_then_apply_is_a_no_op(repository: TaskRepository) -> None:
+    # Given the gateway created the task right after publishing its event
+    timeline = Timeline()
+    requested = timeline.requested("busybox:1.36", "alice")
+    created = await repository.create_if_absent(requested)
+    assert created == await repository.get(timeline.task_id)
+    assert (created.state, created.start_time, created.username) == (
+        TaskState.IDLE,
+        requested.time,
+        "alice",
+    )
+
+    # When the subscriber applies the same event from the stream
+    outcome = await repository.apply(requested, 42)
+
+    # Then nothing changes but the log learns the event's stream position
+    assert outcome is ApplyOutcome.DUPLICATE
+    assert await repository.get(timeline.task_id) == created
+    [entry] = await repository.transitions(timeline.task_id)
+    assert (entry.stream_seq, entry.applied, entry.to_state) == (42, True, TaskState.IDLE)
+    assert await repository.create_if_absent(requested) == created
+
+
+async def test_create_if_absent_after_apply_returns_the_row(repository: TaskRepository) -> None:
+    timeline = Timeline()
+    requested = timeline.requested()
+    await repository.apply(requested, 1)
+
+    record = await repository.create_if_absent(requested)
+
+    assert record == await repository.get(timeline.task_id)
+    assert len(await repository.transitions(timeline.task_id)) == 1
+
+
+async def test_create_if_absent_refuses_other_events_and_bad_values(
+    repository: TaskRepository,
+) -> None:
+    timeline = Timeline()
+    with pytest.raises(ValueError):
+        await repository.create_if_absent(timeline.failed())
+    with pytest.raises(InvalidInput):
+        await repository.create_if_absent(timeline.requested(user="u" * 101))
+    with pytest.raises(NotFound):
+        await repository.get(timeline.task_id)
+
+
+async def test_values_that_do_not_fit_are_refused_not_retried(
+    repository: TaskRepository,
+) -> None:
+    timeline = Timeline()
+    too_long = timeline.requested(image="r/" + "i" * 600)
+
+    assert await repository.apply(too_long, 1) is ApplyOutcome.INVALID
+
+    [entry] = await repository.transitions(timeline.task_id)
+    assert entry.applied is False
+    assert entry.error == "invalid event: docker_image_name is longer than 500 characters"
+    await repository.apply(timeline.requested(), 2)
+    nul = timeline.event(Failed(stage="download", reason="bad\x00byte"))
+    assert await repository.apply(nul, 3) is ApplyOutcome.APPLIED
+    assert (await repository.get(timeline.task_id)).error_message == "bad\ufffdbyte"
+    weird = timeline.event(
+        Downloaded(docker_image_name="x", image_id="sha256:1", tar_path="/t", bytes="many")  # type: ignore[arg-type]
+    )
+    assert await repository.apply(weird, 4) is ApplyOutcome.INVALID
+
+
+async def test_progress_is_one_upsert_that_never_goes_back(repository: TaskRepository) -> None:
+    timeline = Timeline()
+    await repository.apply(timeline.requested(), 1)
+    before = await repository.get(timeline.task_id)
+    first, second = timeline.progress(100), timeline.progress(600)
+
+    assert await repository.apply(second, 3) is ApplyOutcome.PROGRESS
+    assert await repository.apply(first, 2) is ApplyOutcome.PROGRESS  # older, arrives late
+
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None
+    assert (detail.stage, detail.stage_bytes_done, detail.stage_bytes_total) == (
+        "download",
+        600,
+        1000,
+    )
+    assert (detail.stage_rate, detail.progress_time) == (12.5, second.time)
+    assert await repository.get(timeline.task_id) == before
+    assert len(await repository.transitions(timeline.task_id)) == 1
+
+    later = timeline.event(
+        Downloaded(docker_image_name="x", image_id="sha256:1", tar_path="/t", bytes=5)
+    )
+    await repository.apply(later, 4)
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None
+    assert (detail.stage_bytes_done, detail.tar_bytes) == (600, 5)
+
+
+async def test_lookups(repository: TaskRepository) -> None:
+    with pytest.raises(NotFound):
+        await repository.get("nope")
+    assert await repository.get_detail("nope") is None
+    assert await repository.transitions("nope") == []
+    timeline = Timeline()
+    await repository.apply(timeline.requested(), 1)
+    assert await repository.get_detail(timeline.task_id) is None
+
+
+async def test_active_tasks_are_the_quiet_unfinished_ones(repository: TaskRepository) -> None:
+    quiet, busy, done = Timeline(), Timeline(start=T0 + timedelta(hours=1)), Timeline()
+    await apply_all(repository, events_to(quiet, TaskState.DOWNLOADING))
+    await apply_all(repository, events_to(busy, TaskState.COMPRESSING), 10)
+    await apply_all(repository, events_to(done, TaskState.COMPLETED), 20)
+
+    stale = await repository.active_tasks(older_than=T0 + timedelta(minutes=30))
+
+    assert [task.task_id for task in stale] == [quiet.task_id]
+    everything = await repository.active_tasks(older_than=T0 + timedelta(days=1))
+    assert {task.task_id for task in everything} == {quiet.task_id, busy.task_id}
+
+
+# -- query ----------------------------------------------------------------------------
+
+
+async def test_query_filters_sorts_and_pages(repository: TaskRepository) -> None:
+    # Given tasks started one minute apart (the last one is the newest)
+    specs = [
+        ("nginx:latest", "alice", TaskState.COMPLETED),
+        ("library/NGINX:1.25", "bob", TaskState.FAILED),
+        ("redis:7", "alice", TaskState.IDLE),
+        ("my_app%v2:latest", "carol", TaskState.DOWNLOADING),
+        ("myXapp-v2:latest", "carol", TaskState.IDLE),
+        ("my\\app:1", "dave", TaskState.IDLE),
+    ]
+    ids = []
+    for minute, (image, user, state) in enumerate(specs):
+        timeline = Timeline(start=T0 + timedelta(minutes=minute))
+        events = [timeline.requested(image, user), *events_to(timeline, state)[1:]]
+        await apply_all(repository, events, 100 * minute)
+        ids.append(timeline.task_id)
+
+    async def found(**filters: object) -> tuple[int, list[int]]:
+        total, items = await repository.query(page=1, page_size=50, **filters)  # type: ignore[arg-type]
+        return total, [ids.index(item.task_id) for item in items]
+
+    # Then every filter narrows the result, newest first
+    assert await found() == (6, [5, 4, 3, 2, 1, 0])
+    assert await found(docker_image_name="nginx") == (2, [1, 0])
+    assert await found(docker_image_name="NgInX:1") == (1, [1])
+    assert await found(docker_image_name="_app%") == (1, [3])
+    assert await found(docker_image_name="my_app") == (1, [3])
+    assert await found(docker_image_name="%") == (1, [3])
+    assert await found(docker_image_name="\\app") == (1, [5])
+    assert await found(username="alice") == (2, [2, 0])
+    assert await found(username="ALICE") == (0, [])
+    assert await found(state=TaskState.IDLE) == (3, [5, 4, 2])
+    assert await found(username="carol", state=TaskState.IDLE) == (1, [4])
+    assert await found(docker_image_name="", username=None, state=None) == (6, [5, 4, 3, 2, 1, 0])
+
+    # And pages split the same order with the same total
+    pages = [await repository.query(page=page, page_size=4) for page in (1, 2, 3)]
+    assert [total for total, _ in pages] == [6, 6, 6]
+    assert [[ids.index(t.task_id) for t in items] for _, items in pages] == [
+        [5, 4, 3, 2],
+        [1, 0],
+        [],
+    ]
+    with pytest.raises(InvalidInput):
+        await repository.query(page=0, page_size=10)
+    with pytest.raises(InvalidInput):
+        await repository.query(page=1, page_size=0)
+
+
+async def test_query_breaks_start_time_ties_by_newest_id(repository: TaskRepository) -> None:
+    same = [Timeline(), Timeline(), Timeline()]
+    for seq, timeline in enumerate(same, 1):
+        await repository.apply(timeline.requested(), seq)
+
+    _, items = await repository.query(page=1, page_size=10)
+
+    assert [item.task_id for item in items] == [t.task_id for t in reversed(same)]
+
+
+async def test_records_are_frozen_plain_values(repository: TaskRepository) -> None:
+    timeline = Timeline()
+    record = await repository.create_if_absent(timeline.requested())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.state = TaskState.FAILED  # type: ignore[misc]
+    assert record.start_time.utcoffset() == timedelta(0)
+    assert isinstance(record.state, TaskState)
+
+
+async def test_event_times_in_other_zones_are_stored_as_utc(repository: TaskRepository) -> None:
+    from datetime import timezone
+
+    task_id = str(uuid.uuid4())
+    shanghai = T0.astimezone(timezone(timedelta(hours=8)))
+    event = Event(
+        task_id=task_id,
+        payload=Requested(username="u", docker_image_name="i"),
+        time=shanghai,
+    )
+    await repository.apply(event, 1)
+    record = await repository.get(task_id)
+    assert record.start_time == T0
+    assert record.start_time.tzinfo is not None and record.start_time.utcoffset() == timedelta(0)
+
+
+async def test_concurrent_callers_share_one_repository(repository: TaskRepository) -> None:
+    # Given many tasks handled at once, each created by both the gateway and the subscriber
+    timelines = [Timeline() for _ in range(12)]
+
+    async def one_task(index: int, timeline: Timeline) -> None:
+        events = timeline.happy_path()
+        created, applied = await asyncio.gather(
+            repository.create_if_absent(events[0]), repository.apply(events[0], index * 10)
+        )
+        assert applied in {ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE}
+        assert created.task_id == timeline.task_id
+        for seq, event in enumerate(events[1:], index * 10 + 1):
+            await asyncio.gather(repository.apply(event, seq), repository.get(timeline.task_id))
+
+    # When they all run concurrently
+    await asyncio.gather(*(one_task(i, t) for i, t in enumerate(timelines)))
+
+    # Then every task completed with exactly one log row per event
+    for timeline in timelines:
+        assert (await repository.get(timeline.task_id)).state is TaskState.COMPLETED
+        log = await repository.transitions(timeline.task_id)
+        assert len(log) == 7
+        assert all(entry.applied for entry in log)
+        assert all(entry.stream_seq is not None for entry in log)

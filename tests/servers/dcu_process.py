@@ -1,0 +1,122 @@
+"""Run ``dcu`` commands as real OS processes against the test servers.
+
+Each ``DcuProcess`` gets its own YAML config in its work directory (so relative
+``./data/...`` paths land there), a free HTTP port and the test's NATS stream and subject
+prefix; the config names only loopback addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.servers.base import ManagedProcess, ServerStartError, free_port
+
+DCU = str(Path(sys.executable).with_name("dcu"))
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+@dataclass
+class DcuProcess:
+    workdir: Path
+    config: dict[str, Any]
+    args: list[str]
+    name: str = "dcu"
+    port: int = field(default_factory=free_port)
+    process: ManagedProcess | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/dcu"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self, wait_http: bool = True) -> DcuProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = json.loads(json.dumps(self.config))
+        config.setdefault("server", {})["port"] = self.port
+        config_file = self.workdir / f"{self.name}.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        self.process = ManagedProcess(
+            [DCU, "--config", str(config_file), *self.args], log=self.log, cwd=self.workdir
+        )
+        if wait_http:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if not self.process.alive():
+                raise ServerStartError(f"{self.name} exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                status, _ = http_json("GET", f"{self.base_url}/health", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ServerStartError(
+            f"{self.name} not healthy in {timeout}s:\n{self.log.read_text()[-4000:]}"
+        )
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        self.process.signal(signal.SIGTERM)
+        code = self.process.proc.wait(timeout)
+        self.process.stop()
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=30)
+            self.process = None
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        return http_json("POST", f"{self.base_url}{path}", body)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return http_json("GET", f"{self.base_url}{path}")
+
+    def wait_terminal(self, task_id: str, timeout: float = 240) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        data: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            status, body = self.get(f"/status/{task_id}")
+            assert status == 200, body
+            data = body["data"]
+            if data["state"] in {"completed", "failed"}:
+                return data
+            time.sleep(0.25)
+        raise AssertionError(
+            f"task {task_id} not finished in {timeout}s: {data}\n{self.log.read_text()[-4000:]}"
+        )
