@@ -84,6 +84,23 @@ async def _run(settings: Settings, *, http: bool, persist: bool, stages: list[St
             embedded.stop()
 
 
+async def _replay(settings: Settings, target_url: str) -> int:
+    from dcu.replay import replay
+
+    embedded: EmbeddedNats | None = None
+    nats_url = settings.nats.url
+    if not nats_url:  # read the embedded server's own store
+        embedded = EmbeddedNats(Path(settings.nats.data_dir))
+        nats_url = await asyncio.to_thread(embedded.start)
+    try:
+        count = await replay(settings, nats_url, target_url)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"replayed {count} events from stream {settings.nats.stream}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcu", description="Download-Compress-Upload service")
     parser.add_argument(
@@ -100,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    replay_cmd = sub.add_parser("replay", help="rebuild a task database from the event stream")
+    replay_cmd.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    replay_cmd.add_argument(
+        "--into",
+        default=None,
+        help="database URL to rebuild into (default: the configured database)",
+    )
     worker = sub.add_parser("worker", help="stage workers")
     worker.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     worker.add_argument("stages", nargs="+", choices=[s.value for s in Stage])
@@ -115,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings)
     command = args.command
+    if command == "replay":
+        return asyncio.run(_replay(settings, args.into or settings.database.tortoise_url()))
     stages = list(Stage) if command == "serve" else [Stage(s) for s in getattr(args, "stages", [])]
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(

@@ -23,7 +23,7 @@ from dcu.settings import Settings
 from events.reference import InvalidReference, parse_reference
 from events.schema import Event, Requested
 from events.states import TaskState
-from gateway import envelope, views
+from gateway import admin, envelope, events_api, views
 from persistence import repository
 from persistence.database import close_database, init_database
 from persistence.runner import subscriber_running
@@ -207,4 +207,6 @@ def create_app(
     app.router.add_get(f"{API}/status/{{task_id}}", task_status)
     app.router.add_get(f"{API}/query", query_tasks)
     app.router.add_get(f"{API}/health", health)
+    events_api.setup(app)
+    admin.setup(app)
     return app
