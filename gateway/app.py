@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from nats.aio.client import Client
-from nats.js import JetStreamContext
 
 from dcu import bus
 from dcu.errors import DcuError, InvalidInput, NotFound
@@ -24,20 +22,15 @@ from events.reference import InvalidReference, parse_reference
 from events.schema import Event, Requested
 from events.states import TaskState
 from gateway import admin, envelope, events_api, views
+from gateway.keys import API, JETSTREAM, NATS, NATS_URL, SETTINGS
 from persistence import repository
 from persistence.database import close_database, init_database
 from persistence.runner import subscriber_running
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
-NATS_URL = web.AppKey("nats_url", str)
-NATS = web.AppKey("nats", Client)
-JETSTREAM = web.AppKey("jetstream", JetStreamContext)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-API = "/api/dcu"
 
 
 def _json(body: dict[str, Any]) -> web.Response:
