@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from miniopy_async import Minio
 
 from tests.servers.docker_engine import DockerEngine
@@ -139,3 +141,48 @@ def transitions(db: Path, task_id: str) -> list[tuple[str | None, str | None, bo
 
 def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+
+
+def stream_events(url: str, stream: str, subject: str) -> list[dict[str, Any]]:
+    """Every message on ``subject`` still in the stream, decoded, in stream order."""
+
+    async def main() -> list[dict[str, Any]]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            found: list[dict[str, Any]] = []
+            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+            try:
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=2)
+                    except nats.errors.TimeoutError:
+                        return found
+                    event = json.loads(msg.data)
+                    event["seq"] = msg.metadata.sequence.stream
+                    found.append(event)
+                    if not msg.metadata.num_pending:
+                        return found
+            finally:
+                await sub.unsubscribe()
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def consumer_waiting(url: str, stream: str, durable: str) -> int:
+    """How many pull requests the durable has waiting (one per idle replica)."""
+
+    async def main() -> int:
+        nc = await nats.connect(url)
+        try:
+            try:
+                info = await nc.jetstream().consumer_info(stream, durable)
+            except nats.js.errors.NotFoundError:
+                return 0  # no replica has declared it yet
+            return int(info.num_waiting or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
