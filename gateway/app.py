@@ -21,7 +21,7 @@ from dcu.settings import Settings
 from events.reference import InvalidReference, parse_reference
 from events.schema import Event, Requested
 from events.states import TaskState
-from gateway import admin, envelope, events_api, views
+from gateway import admin, envelope, events_api, openapi, views
 from gateway.keys import API, JETSTREAM, NATS, NATS_URL, SETTINGS
 from persistence import repository
 from persistence.database import close_database, init_database
@@ -202,4 +202,5 @@ def create_app(
     app.router.add_get(f"{API}/health", health)
     events_api.setup(app)
     admin.setup(app)
+    openapi.setup(app)
     return app
