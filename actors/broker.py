@@ -544,6 +544,16 @@ class JetStreamBroker(Broker):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keep_alive
         nc = self._nc
+        # Whatever is still outstanding was abandoned when the worker's grace period ran
+        # out: hand it back now (-NAK) rather than making another replica wait ack_wait.
+        with self._lock:
+            abandoned = list(self._outstanding.values())
+            self._outstanding.clear()
+        if abandoned and nc is not None and nc.is_connected:
+            logger.warning("Handing back %d unfinished message(s)", len(abandoned))
+            for msg in abandoned:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await self._confirm(msg, _NAK)
         if nc is not None and not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), _CLOSE_TIMEOUT / 2)

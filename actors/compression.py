@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def compress_file(
     started = time.monotonic()
     total = src.stat().st_size
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
     done = 0
     try:
         with src.open("rb") as source, part.open("wb") as raw:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ class ExportedImage:
 
 
 def _translate(exc: BaseException, what: str) -> Exception:
+    if isinstance(exc, DockerError) and exc.status == 900:  # aiodocker: no connection
+        return EngineError(f"{what}: cannot reach the Docker engine: {exc.message}")
     if isinstance(exc, DockerError):
         message = f"{what}: {exc.message}"
         lowered = exc.message.lower()
@@ -162,7 +165,9 @@ class DockerEngine:
                     f"not enough disk for the image tar in {dest.parent}: "
                     f"{expected} bytes needed, {free} free"
                 )
-        part = dest.with_name(dest.name + ".part")
+        # A part name of its own: a duplicate delivery running beside this one never
+        # writes into the same file; the rename at the end is atomic either way.
+        part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
         written = 0
         try:
             with part.open("wb") as out:

@@ -22,21 +22,23 @@ from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from actors import stages
 from actors.broker import JetStreamBroker
 from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore, open_store
 from dcu import bus
-from dcu.errors import PermanentFailure
+from dcu.errors import BusError, PermanentFailure
 from dcu.settings import Settings
 from events import subjects
-from events.schema import DecodeError, Event, EventType, Failed, Stage
+from events.schema import DecodeError, Event, EventType, Failed, Stage, once_per_task_id
 
 log = logging.getLogger(__name__)
 
-StageFn = Callable[[stages.StageContext, Event, int], Awaitable[Event]]
+StageFn = Callable[[stages.StageContext, Event, int], Awaitable[Event | None]]
 
 STAGES: dict[Stage, tuple[EventType, StageFn]] = {
     Stage.DOWNLOAD: (EventType.REQUESTED, stages.download),
@@ -75,6 +77,11 @@ class Runtime:
         js = self._js or await self._open()
         await bus.publish(js, event, self.settings.nats.subject_prefix)
 
+    async def publish_raw(self, subject: str, data: bytes, msg_id: str) -> bus.Published:
+        """Publish bytes that are not a task event (cleanup reports); raises BusError."""
+        js = self._js or await self._open()
+        return await bus.publish_raw(js, subject, data, msg_id)
+
     async def context(self) -> stages.StageContext:
         await self._open()
         if self._engine is None:
@@ -87,7 +94,21 @@ class Runtime:
             store=self._store,
             emit=self.publish,
             worker=self.name,
+            recorded=self.recorded,
         )
+
+    async def recorded(self, task_id: str, event_type: EventType) -> bool:
+        """Whether the stream holds a ``event_type`` event for ``task_id`` (a direct
+        last-message-by-subject lookup, no consumer)."""
+        js = self._js or await self._open()
+        subject = subjects.task_event(task_id, event_type, self.settings.nats.subject_prefix)
+        try:
+            await js.get_last_msg(self.settings.nats.stream, subject)
+        except NotFoundError:
+            return False
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"cannot look up {subject}: {exc}") from exc
+        return True
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -152,7 +173,11 @@ class FailTaskWhenGivenUp(Middleware):
         if retries:
             reason += f" (after {retries} retries)"
         log.error("task %s: %s", task_id, reason)
-        event = Event(task_id=task_id, payload=Failed(stage=stage, reason=reason))
+        event = Event(
+            task_id=task_id,
+            payload=Failed(stage=stage, reason=reason),
+            event_id=once_per_task_id(task_id, EventType.FAILED),
+        )
         try:
             _run_on_actor_loop(self.runtime.publish(event))
         except Exception as exc:

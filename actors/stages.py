@@ -30,17 +30,20 @@ from events.schema import (
     Downloaded,
     DownloadStarted,
     Event,
+    EventType,
     Payload,
     Progress,
     Requested,
     Stage,
     Uploaded,
     UploadStarted,
+    once_per_task_id,
 )
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Event], Awaitable[None]]
+Recorded = Callable[[str, EventType], Awaitable[bool]]
 
 
 @dataclass(slots=True)
@@ -50,11 +53,31 @@ class StageContext:
     store: ObjectStore
     emit: Emit
     worker: str
+    recorded: Recorded
 
     async def announce(self, task_id: str, payload: Payload) -> Event:
         event = Event(task_id=task_id, payload=payload)
         await self.emit(event)
         return event
+
+    async def complete(self, task_id: str, payload: Payload) -> Event:
+        """Publish a stage's completion event, with its once-per-task id."""
+        event = Event(
+            task_id=task_id, payload=payload, event_id=once_per_task_id(task_id, payload.type)
+        )
+        await self.emit(event)
+        return event
+
+    async def already_done(self, task_id: str, completion: EventType) -> bool:
+        """True when the stream already holds this stage's completion for the task: the
+        message is a redelivery (its worker died after finishing, before the ack) or a
+        duplicate, and the stage must not run again."""
+        if await self.recorded(task_id, completion):
+            log.info(
+                "task %s: %s already recorded, not running the stage again", task_id, completion
+            )
+            return True
+        return False
 
     def reporter(self, task_id: str, stage: Stage) -> ProgressReporter:
         async def send(progress: Progress) -> None:
@@ -83,20 +106,33 @@ def _task_id(event: Event) -> str:
         raise PermanentFailure(str(exc)) from exc
 
 
-async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
-    """Pull the image and export it to the task's work tar; emits ``downloaded``."""
+async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event | None:
+    """Pull the image and export it to the task's work tar; emits ``downloaded``.
+
+    Returns None (doing nothing) when the download already completed for this task.
+    """
     assert isinstance(event.payload, Requested)
     task_id = _task_id(event)
     ref = _reference(event.payload.docker_image_name)
+    if await ctx.already_done(task_id, EventType.DOWNLOADED):
+        return None
     await ctx.announce(task_id, DownloadStarted(worker=ctx.worker, attempt=attempt))
     loop = asyncio.get_running_loop()
     started = loop.time()
     tar = ctx.work_tar(task_id)
+    remove_stale_parts(tar.parent)
     async with ctx.reporter(task_id, Stage.DOWNLOAD) as progress:
         log.info("task %s: pulling %s", task_id, ref)
         await ctx.engine.pull(ref, progress.update)
+        limit = ctx.settings.workers.max_image_bytes
+        if limit:
+            size = await ctx.engine.image_size(ref.pinned)
+            if size is not None and size > limit:
+                raise PermanentFailure(
+                    f"image {ref} is {size} bytes, over the limit of {limit} bytes"
+                )
         exported = await ctx.engine.export(ref, tar, progress.update)
-    return await ctx.announce(
+    return await ctx.complete(
         task_id,
         Downloaded(
             docker_image_name=str(ref),
@@ -108,16 +144,22 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
     )
 
 
-async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
-    """gzip the work tar into the task's archive, then drop the tar; emits ``compressed``."""
+async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event | None:
+    """gzip the work tar into the task's archive, then drop the tar; emits ``compressed``.
+
+    Returns None (doing nothing) when the compression already completed for this task.
+    """
     assert isinstance(event.payload, Downloaded)
     task_id = _task_id(event)
     ref = _reference(event.payload.docker_image_name)
+    if await ctx.already_done(task_id, EventType.COMPRESSED):
+        return None
     tar = ctx.work_tar(task_id)
     archive = ctx.archive(task_id, ref)
     if not tar.exists():
         raise PermanentFailure(f"work file {tar} is missing (removed, or not on a shared volume)")
     await ctx.announce(task_id, CompressStarted(worker=ctx.worker, attempt=attempt))
+    remove_stale_parts(Path(archive).parent)
     storage = ctx.settings.storage
     async with ctx.reporter(task_id, Stage.COMPRESS) as progress:
         result = await asyncio.to_thread(
@@ -137,7 +179,7 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
         result.throughput,
     )
     _remove_work_dir(tar)
-    return await ctx.announce(
+    return await ctx.complete(
         task_id,
         Compressed(
             docker_image_name=str(ref),
@@ -151,11 +193,16 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
     )
 
 
-async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
-    """Upload the archive with its image ID and sha256 as metadata; emits ``uploaded``."""
+async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | None:
+    """Upload the archive with its image ID and sha256 as metadata; emits ``uploaded``.
+
+    Returns None (doing nothing) when the upload already completed for this task.
+    """
     assert isinstance(event.payload, Compressed)
     task_id = _task_id(event)
     ref = _reference(event.payload.docker_image_name)
+    if await ctx.already_done(task_id, EventType.UPLOADED):
+        return None
     archive = Path(ctx.archive(task_id, ref))
     if not archive.exists():
         raise PermanentFailure(f"archive {archive} is missing (removed, or not on a shared volume)")
@@ -174,7 +221,7 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
     log.info(
         "task %s: uploaded %s to %s (%d bytes)", task_id, name, ctx.store.location, stored.size
     )
-    return await ctx.announce(
+    return await ctx.complete(
         task_id,
         Uploaded(
             bucket=ctx.settings.minio.bucket,
@@ -185,6 +232,16 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event:
             seconds=round(loop.time() - started, 3),
         ),
     )
+
+
+def remove_stale_parts(directory: Path) -> None:
+    """Drop ``*.part`` files a killed worker left in this task's own directory; a stage
+    that starts for a task owns that directory."""
+    with contextlib.suppress(FileNotFoundError):
+        for leftover in directory.glob("*.part"):
+            if leftover.is_file() and not leftover.is_symlink():
+                log.info("removing %s left by an earlier attempt", leftover)
+                leftover.unlink(missing_ok=True)
 
 
 def _remove_work_dir(tar: Path) -> None:

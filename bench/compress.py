@@ -32,7 +32,7 @@ def make_input(path: Path, size_mb: int) -> None:
     words = [rng.randbytes(rng.randint(2, 9)).hex().encode() for _ in range(4000)]
     with tarfile.open(path, "w") as tar:
         for index in range(max(1, size_mb // 25)):
-            text = b" ".join(rng.choice(words) for _ in range(1_600_000))[: 12_500_000]
+            text = b" ".join(rng.choice(words) for _ in range(1_600_000))[:12_500_000]
             blob = text + rng.randbytes(12_500_000)
             info = tarfile.TarInfo(f"layer{index}/data.bin")
             info.size = len(blob)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -99,3 +100,21 @@ async def publish(js: JetStreamContext, event: Event, prefix: str) -> int:
     except (NatsError, TimeoutError) as exc:
         raise BusError(f"cannot publish {event.type} for task {event.task_id}: {exc}") from exc
     return int(ack.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    seq: int
+    duplicate: bool  # JetStream already held this Nats-Msg-Id (within DUPLICATE_WINDOW)
+
+
+async def publish_raw(js: JetStreamContext, subject: str, data: bytes, msg_id: str) -> Published:
+    """Publish ``data`` on ``subject`` with ``Nats-Msg-Id`` ``msg_id`` and wait for the ack.
+
+    Raises BusError when the stream does not acknowledge.
+    """
+    try:
+        ack = await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=10)
+    except (NatsError, TimeoutError) as exc:
+        raise BusError(f"cannot publish on {subject}: {exc}") from exc
+    return Published(seq=int(ack.seq), duplicate=bool(ack.duplicate))

@@ -1,9 +1,11 @@
 """The ``dcu`` command: parse, build settings, wire components, wait for a signal, stop.
 
-dcu serve     all in one process: gateway, persistence, download/compress/upload workers
+dcu serve     all in one process: gateway, persistence, download/compress/upload and
+              cleanup workers, and the cleanup timer
 dcu gateway   the HTTP gateway only
-dcu worker    stage workers: dcu worker download compress upload
+dcu worker    workers for some roles: dcu worker download compress upload cleanup
 dcu persist   the persistence subscriber only
+dcu timer     the cleanup timer only (publishes cleanup requests on the cron ticks)
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from pathlib import Path
 from aiohttp import web
 
 from dcu.embedded import EmbeddedNats
-from dcu.service import StageWorkers, ensure_topology, wait_for_signal
+from dcu.service import ROLES, StageWorkers, ensure_topology, wait_for_signal
 from dcu.settings import Settings, load_settings
-from events.schema import Stage
 
 log = logging.getLogger("dcu")
 
@@ -36,10 +37,12 @@ def _configure_logging(settings: Settings) -> None:
         )
 
 
-async def _run(settings: Settings, *, http: bool, persist: bool, stages: list[Stage]) -> None:
-    from persistence.runner import run_persistence
-
+async def _run(
+    settings: Settings, *, http: bool, persist: bool, stages: list[str], timer: bool = False
+) -> int:
+    from actors.timer import CleanupTimer
     from gateway.app import create_app
+    from persistence.runner import run_persistence
 
     embedded: EmbeddedNats | None = None
     nats_url = settings.nats.url
@@ -53,8 +56,15 @@ async def _run(settings: Settings, *, http: bool, persist: bool, stages: list[St
         )
     workers: StageWorkers | None = None
     runner: web.AppRunner | None = None
+    stop = asyncio.Event()
+    timer_task: asyncio.Task[None] | None = None
+    exit_code = 0
     try:
         await ensure_topology(settings, nats_url)
+        if timer:
+            timer_task = asyncio.create_task(CleanupTimer(settings, nats_url).run(stop))
+            # A timer that ends by itself (NATS unreachable at start) stops the process.
+            timer_task.add_done_callback(lambda _: stop.set())
         if stages:
             workers = StageWorkers(settings, nats_url, stages)
             workers.start()
@@ -69,19 +79,28 @@ async def _run(settings: Settings, *, http: bool, persist: bool, stages: list[St
                 settings.server.host,
                 settings.server.port,
             )
-            await wait_for_signal()
+            await wait_for_signal(stop)
         elif persist:
-            await run_persistence(settings, nats_url, until=wait_for_signal())
+            await run_persistence(settings, nats_url, until=wait_for_signal(stop))
         else:
-            await wait_for_signal()
+            await wait_for_signal(stop)
     finally:
         log.info("shutting down")
+        stop.set()
+        if timer_task is not None:
+            await asyncio.wait({timer_task}, timeout=10)
+            timer_task.cancel()
+            (outcome,) = await asyncio.gather(timer_task, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                log.error("cleanup timer failed: %s", outcome)
+                exit_code = 1
         if runner is not None:
             await runner.cleanup()
         if workers is not None:
             await asyncio.to_thread(workers.stop)
         if embedded is not None:
             embedded.stop()
+    return exit_code
 
 
 async def _replay(settings: Settings, target_url: str) -> int:
@@ -111,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("serve", "gateway, persistence and all stage workers in one process"),
+        ("serve", "gateway, persistence, all workers and the cleanup timer in one process"),
         ("gateway", "the HTTP gateway"),
         ("persist", "the persistence subscriber"),
+        ("timer", "the cleanup timer: publishes cleanup requests on the cron ticks"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", type=Path, default=argparse.SUPPRESS)
@@ -124,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="database URL to rebuild into (default: the configured database)",
     )
-    worker = sub.add_parser("worker", help="stage workers")
+    worker = sub.add_parser("worker", help="workers for some roles (stages, cleanup)")
     worker.add_argument("--config", type=Path, default=argparse.SUPPRESS)
-    worker.add_argument("stages", nargs="+", choices=[s.value for s in Stage])
+    worker.add_argument("stages", nargs="+", choices=ROLES, metavar="role", help=", ".join(ROLES))
     return parser
 
 
@@ -141,17 +161,28 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     if command == "replay":
         return asyncio.run(_replay(settings, args.into or settings.database.tortoise_url()))
-    stages = list(Stage) if command == "serve" else [Stage(s) for s in getattr(args, "stages", [])]
+    roles = list(ROLES) if command == "serve" else list(dict.fromkeys(getattr(args, "stages", [])))
+    timer = command in {"serve", "timer"}
+    if timer:
+        from actors.timer import schedules
+
+        try:
+            schedules(settings)
+        except ValueError as exc:
+            print(f"dcu: bad configuration: {exc}", file=sys.stderr)
+            return 2
+    code = 0
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
+        code = asyncio.run(
             _run(
                 settings,
                 http=command in {"serve", "gateway"},
                 persist=command in {"serve", "persist"},
-                stages=stages,
+                stages=roles,
+                timer=timer,
             )
         )
-    return 0
+    return code
 
 
 if __name__ == "__main__":

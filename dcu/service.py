@@ -1,6 +1,7 @@
 """Components a ``dcu`` process is made of, each with start and stop, wired by ``dcu.cli``.
 
-* ``StageWorkers``: the dramatiq worker running some stage actors on the JetStream broker.
+* ``StageWorkers``: the dramatiq worker running some roles (the stage actors and the
+  cleanup actor) on the JetStream broker.
 * ``run_http``: the gateway (optionally with the persistence subscriber) until a signal.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 
 import dramatiq
 
+from actors.cleanup import CLEANUP_QUEUE, declare_cleanup
 from actors.pipeline import Runtime, build_broker, declare_stage, worker_name
 from dcu import bus
 from dcu.settings import Settings
@@ -21,31 +23,44 @@ from events.schema import Stage
 log = logging.getLogger(__name__)
 
 
-def concurrency(settings: Settings, stage: Stage) -> int:
+# Roles a worker process can run: the three stages and the cleanup actor.
+ROLES: tuple[str, ...] = (*(s.value for s in Stage), CLEANUP_QUEUE)
+
+
+def concurrency(settings: Settings, role: str) -> int:
+    """Messages in flight for ``role``; cleanup runs one request at a time."""
     workers = settings.workers
     return {
         Stage.DOWNLOAD: workers.download_concurrency,
         Stage.COMPRESS: workers.compress_concurrency,
         Stage.UPLOAD: workers.upload_concurrency,
-    }[stage]
+        CLEANUP_QUEUE: 1,
+    }[role]
 
 
 class StageWorkers:
-    """One dramatiq ``Worker`` (dramatiq allows one per process) for the given stages.
+    """One dramatiq ``Worker`` (dramatiq allows one per process) for the given roles
+    (stage names and ``cleanup``; raises ValueError for another).
 
-    Per-stage concurrency is enforced by the broker's per-queue limit on messages in
+    Per-role concurrency is enforced by the broker's per-queue limit on messages in
     flight; the thread pool is the sum of those limits.
     """
 
-    def __init__(self, settings: Settings, nats_url: str, stages: Iterable[Stage]) -> None:
+    def __init__(self, settings: Settings, nats_url: str, roles: Iterable[str]) -> None:
         self.settings = settings
-        self.stages = list(stages)
+        self.stages = [str(r) for r in roles]
+        unknown = [r for r in self.stages if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown worker roles {unknown}; expected some of {list(ROLES)}")
         self.runtime = Runtime(settings, nats_url, worker_name("+".join(self.stages)))
         self.broker = build_broker(settings, nats_url, self.runtime)
-        limits = {str(s): concurrency(settings, s) for s in self.stages}
+        limits = {s: concurrency(settings, s) for s in self.stages}
         self.broker.set_queue_limits(limits)
-        for stage in self.stages:
-            declare_stage(self.broker, self.runtime, stage)
+        for role in self.stages:
+            if role == CLEANUP_QUEUE:
+                declare_cleanup(self.broker, self.runtime)
+            else:
+                declare_stage(self.broker, self.runtime, Stage(role))
         self.worker = dramatiq.Worker(
             self.broker,
             queues={str(s) for s in self.stages},
@@ -73,9 +88,10 @@ async def ensure_topology(settings: Settings, nats_url: str) -> None:
         await nc.close()
 
 
-async def wait_for_signal() -> None:
+async def wait_for_signal(stop: asyncio.Event | None = None) -> None:
+    """Return on SIGINT/SIGTERM, or when ``stop`` is set by someone else."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:

@@ -115,6 +115,11 @@ class WorkerSettings(BaseModel):
     max_backoff_ms: int = Field(default=60000, ge=0)
     progress_interval: float = Field(default=1.0, gt=0)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    max_image_bytes: int = Field(default=0, ge=0)  # 0: no limit
+    # A running task with no event or progress for this long has lost its workers and
+    # is failed by the persistence watchdog; 0 turns the watchdog off.
+    stuck_after: float = Field(default=3600.0, ge=0)
+    watchdog_interval: float = Field(default=30.0, gt=0)
 
 
 class Settings(BaseSettings):

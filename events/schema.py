@@ -177,6 +177,16 @@ PAYLOADS: dict[EventType, type[Payload]] = {
 }
 
 
+# Completion and failure events get ids derived from (task, type): a stage that runs
+# twice for one task (a redelivery after its worker died) publishes the same id again,
+# which JetStream's de-duplication and the persistence log both recognise.
+_EVENT_NAMESPACE = uuid.UUID("5f0c4b8e-2a57-4d8e-9b1d-6a0d3c1f7e21")
+
+
+def once_per_task_id(task_id: str, event_type: EventType) -> str:
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{task_id}:{event_type}"))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

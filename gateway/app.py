@@ -55,7 +55,10 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _json(envelope.for_status(exc.status, exc.reason))
+        response = _json(envelope.for_status(exc.status, exc.reason))
+        if "Allow" in exc.headers:  # a 405 names the methods the path takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return _json(envelope.failure(*envelope.INTERNAL, "internal error"))

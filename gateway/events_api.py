@@ -1,9 +1,548 @@
-"""Event history and live server-sent events for tasks (filled in by the events-API work)."""
+"""Event history and live server-sent events (SSE) for tasks.
+
+* ``GET /events/{task_id}``: the task's events as stored in the stream, read with an
+  ephemeral ordered consumer filtered on ``<prefix>.task.<task_id>.>``.
+* ``GET /events/{task_id}/stream``: that history, then the task's live events (a core
+  NATS subscription opened *before* the history is read, de-duplicated by event id, so
+  nothing falls between the two); the stream ends after ``uploaded`` or ``failed``.
+* ``GET /events/stream``: every task's live events, optionally one ``type`` only.
+
+An SSE message is ``id: <event_id>``, ``event: <type>`` and ``data: <event JSON>``; a
+``: keep-alive`` comment goes out every ``HEARTBEAT`` seconds of silence. A client that
+reconnects with ``Last-Event-ID`` gets only what follows that event; one that already has
+the terminal event gets ``204 No Content``, which tells ``EventSource`` to stop.
+
+Every open stream is registered on the app, so shutdown (``app.on_shutdown``) ends them
+before the NATS connection is drained; a client that goes away is noticed within
+``DISCONNECT_POLL`` seconds and its subscription is dropped.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 from aiohttp import web
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from dcu.errors import BusError, DcuError, InvalidInput, NotFound, UpstreamTimeout
+from dcu.settings import Settings
+from events import subjects
+from events.schema import DecodeError, Event, EventType
+from gateway import envelope, views
+from gateway.keys import API, JETSTREAM, NATS, SETTINGS
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS = 10_000  # events returned by one history request
+HISTORY_TIMEOUT = 30.0  # seconds for a whole history request
+IDLE_TIMEOUT = 5.0  # seconds the stream may stay silent before the history is complete
+HEARTBEAT = 15.0  # seconds of silence before a keep-alive comment
+DISCONNECT_POLL = 1.0  # seconds between checks that the client is still there
+MAX_BACKLOG = 10_000  # live events buffered for a client that reads too slowly
+MAX_REMEMBERED = 10_000  # event ids a stream remembers to drop duplicates
+RAW_LOG_LIMIT = 200  # bytes of an undecodable message shown in the log
+TERMINAL = frozenset({EventType.UPLOADED, EventType.FAILED})
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # no proxy buffering (nginx)
+}
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+class _StreamEnded(Exception):
+    """The live feed was closed (shutdown, or the client fell too far behind)."""
+
+
+class LiveFeed:
+    """Events from one core NATS subscription, buffered for one SSE response.
+
+    The NATS callback only appends (``push``), so a slow client never blocks the
+    connection's other subscribers; past ``limit`` buffered events the feed closes
+    itself and the client can reconnect with ``Last-Event-ID``.
+    """
+
+    def __init__(self, limit: int = MAX_BACKLOG) -> None:
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._limit = limit
+        self._getter: asyncio.Future[Event | None] | None = None
+        self.reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.reason)
+
+    def push(self, event: Event) -> None:
+        if self.closed:
+            return
+        if self._queue.qsize() >= self._limit:
+            self.close(f"client fell {self._limit} events behind")
+            return
+        self._queue.put_nowait(event)
+
+    def close(self, reason: str) -> None:
+        """End the feed; the reader gets ``_StreamEnded`` at its next ``next``."""
+        if not self.closed:
+            self.reason = reason
+            self._queue.put_nowait(None)
+
+    async def next(self, timeout: float) -> Event | None:
+        """The next event, or None when ``timeout`` passes first.
+
+        Raises _StreamEnded once the feed is closed. A wait that times out keeps its
+        pending ``get`` for the next call, so no event is lost to a timeout.
+        """
+        if self.closed:
+            raise _StreamEnded(self.reason)
+        if self._getter is None:
+            self._getter = asyncio.ensure_future(self._queue.get())
+        done, _ = await asyncio.wait({self._getter}, timeout=timeout)
+        if not done:
+            return None
+        item = self._getter.result()
+        self._getter = None
+        if item is None or self.closed:
+            raise _StreamEnded(self.reason)
+        return item
+
+    def discard(self) -> None:
+        """Drop the pending ``get``; call once the feed is no longer read."""
+        if self._getter is not None:
+            self._getter.cancel()
+            self._getter = None
+
+
+class RecentIds:
+    """The last ``limit`` event ids a stream sent: enough to drop the live copies of
+    events the history already gave, and events a stage re-published (JetStream
+    de-duplicates those, core NATS delivers them again)."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        self._ids.move_to_end(event_id)
+        if len(self._ids) > self._limit:
+            self._ids.popitem(last=False)
+
+
+@dataclass
+class _OpenStreams:
+    """The app's running SSE responses, so shutdown can end them."""
+
+    feeds: set[LiveFeed] = field(default_factory=set)
+    closing: bool = False
+
+    def add(self, feed: LiveFeed) -> None:
+        self.feeds.add(feed)
+        if self.closing:
+            feed.close("server shutting down")
+
+    def close_all(self) -> None:
+        self.closing = True
+        for feed in list(self.feeds):
+            feed.close("server shutting down")
+
+
+STREAMS = web.AppKey("event_streams", _OpenStreams)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _json(body: dict[str, Any]) -> web.Response:
+    return web.json_response(
+        body, status=body["status"], dumps=lambda obj: json.dumps(obj, ensure_ascii=False)
+    )
+
+
+def parse_flag(params: Mapping[str, str], name: str, default: bool) -> bool:
+    """A boolean query parameter; raises InvalidInput for anything but true/false/1/0/…."""
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise InvalidInput(f"{name} must be true or false, got {raw[:50]!r}")
+
+
+def parse_event_type(params: Mapping[str, str]) -> EventType | None:
+    """The optional ``type`` filter; raises InvalidInput naming the allowed types."""
+    raw = params.get("type")
+    if raw is None or raw == "":
+        return None
+    try:
+        return EventType(raw)
+    except ValueError:
+        allowed = ", ".join(t.value for t in EventType)
+        raise InvalidInput(f"type {raw[:50]!r} is not one of: {allowed}") from None
+
+
+def sse_message(event: Event) -> bytes:
+    """One SSE message; the JSON is compact, so ``data`` is always a single line."""
+    data = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    lines = []
+    if not any(ch in event.event_id for ch in "\r\n\0"):
+        lines.append(f"id: {event.event_id}")
+    lines.append(f"event: {event.type}")
+    lines.append(f"data: {data}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def _decode(msg: Msg) -> Event | None:
+    """The event in ``msg``, or None (logged) when it is not one or does not match its
+    subject ``<prefix>.task.<task_id>.<type>`` (a forged or misrouted message)."""
+    try:
+        event = Event.decode(msg.data)
+    except DecodeError as exc:
+        log.warning(
+            "skipping message on %s, not an event (%s): %r",
+            msg.subject,
+            exc,
+            exc.raw[:RAW_LOG_LIMIT],
+        )
+        return None
+    tokens = msg.subject.split(".")
+    if len(tokens) != 4 or tokens[2] != event.task_id or tokens[3] != event.type:
+        log.warning(
+            "skipping event %s of task %s: it does not match its subject %s",
+            event.event_id,
+            event.task_id,
+            msg.subject,
+        )
+        return None
+    return event
+
+
+async def read_history(
+    js: JetStreamContext,
+    settings: Settings,
+    task_id: str,
+    *,
+    deadline: float | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
+) -> AsyncGenerator[tuple[int, Event], None]:
+    """Yield ``(stream sequence, event)`` for every event of the task, in stream order.
+
+    Reads with an ephemeral ordered consumer (no state left on the server) until it has
+    caught up with the stream; yields nothing when the stream holds no event for the
+    task. Undecodable messages are logged and skipped. Raises BusError when JetStream
+    cannot be read, UpstreamTimeout when it goes quiet for ``idle_timeout`` seconds
+    before the end or the monotonic ``deadline`` passes. Close it (``aclosing``) when
+    stopping early, so the consumer is removed.
+    """
+    subject = subjects.one_task(task_id, settings.nats.subject_prefix)
+    stream = settings.nats.stream
+    try:
+        subscription = await js.subscribe(
+            subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+    except (NatsError, TimeoutError) as exc:
+        raise BusError(f"cannot read stream {stream} for task {task_id}: {exc!r}") from exc
+    try:
+        try:
+            info = await subscription.consumer_info()
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"cannot read stream {stream} for task {task_id}: {exc!r}") from exc
+        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+            return
+        while True:
+            timeout = idle_timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise UpstreamTimeout(
+                        f"reading the events of task {task_id} took too long; try again"
+                    )
+            try:
+                message = await subscription.next_msg(timeout=timeout)
+            except NatsTimeoutError as exc:
+                raise UpstreamTimeout(
+                    f"stream {stream} went quiet while reading the events of task {task_id}"
+                ) from exc
+            except NatsError as exc:
+                raise BusError(f"cannot read stream {stream} for task {task_id}: {exc!r}") from exc
+            metadata = message.metadata
+            event = _decode(message)
+            if event is not None:
+                yield metadata.sequence.stream, event
+            if not metadata.num_pending:
+                return
+    finally:
+        with contextlib.suppress(NatsError, TimeoutError):
+            await subscription.unsubscribe()
+
+
+async def _subscribe_live(nc: Client, subject: str, feed: LiveFeed) -> Subscription:
+    """A core NATS subscription feeding ``feed``, confirmed by the server (flush).
+
+    Raises BusError when NATS refuses or does not answer.
+    """
+
+    async def deliver(msg: Msg) -> None:
+        event = _decode(msg)
+        if event is not None:
+            feed.push(event)
+
+    try:
+        subscription = await nc.subscribe(subject, cb=deliver)
+        await nc.flush(timeout=5)
+    except (NatsError, TimeoutError) as exc:
+        raise BusError(f"cannot subscribe to {subject}: {exc!r}") from exc
+    return subscription
+
+
+async def _unsubscribe(subscription: Subscription) -> None:
+    with contextlib.suppress(NatsError, TimeoutError):
+        await subscription.unsubscribe()
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class _SseWriter:
+    """Writes SSE messages, preparing the response on the first write."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response = web.StreamResponse(headers=SSE_HEADERS)
+        self.sent = 0
+        self.last_write = time.monotonic()
+
+    @property
+    def prepared(self) -> bool:
+        return self.response.prepared
+
+    async def _write(self, data: bytes) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        await self.response.write(data)
+        self.last_write = time.monotonic()
+
+    async def event(self, event: Event) -> None:
+        await self._write(sse_message(event))
+        self.sent += 1
+
+    async def comment(self, text: str) -> None:
+        await self._write(f": {text}\n\n".encode())
+
+    async def pump(
+        self,
+        feed: LiveFeed,
+        *,
+        seen: RecentIds,
+        include_progress: bool = True,
+        stop_on_terminal: bool = False,
+    ) -> str:
+        """Forward live events until the feed ends, the client leaves or (optionally) a
+        terminal event passes; returns why it stopped. Events already in ``seen`` are
+        skipped, new ones added. Write errors propagate."""
+        while True:
+            if _client_gone(self.request):
+                return "client went away"
+            try:
+                event = await feed.next(DISCONNECT_POLL)
+            except _StreamEnded as ended:
+                return str(ended)
+            if event is None:
+                if time.monotonic() - self.last_write >= HEARTBEAT:
+                    await self.comment("keep-alive")
+                continue
+            if event.event_id in seen:
+                continue
+            seen.add(event.event_id)
+            if include_progress or event.type != EventType.PROGRESS:
+                await self.event(event)
+            if stop_on_terminal and event.type in TERMINAL:
+                return f"task ended ({event.type})"
+
+    async def finish(self) -> web.StreamResponse:
+        with contextlib.suppress(ConnectionError):
+            await self.response.write_eof()
+        return self.response
+
+
+# --- handlers --------------------------------------------------------------------------
+
+
+async def task_history(request: web.Request) -> web.Response:
+    """The task's events from the stream. Raises InvalidInput for a bad id or flag,
+    NotFound when the stream holds no event for the task, BusError/UpstreamTimeout when
+    JetStream cannot be read in ``HISTORY_TIMEOUT`` seconds."""
+    task_id = views.check_task_id(request.match_info["task_id"])
+    include_progress = parse_flag(request.query, "include_progress", True)
+    settings = request.app[SETTINGS]
+    found = False
+    truncated = False
+    items: list[dict[str, Any]] = []
+    history = read_history(
+        request.app[JETSTREAM],
+        settings,
+        task_id,
+        deadline=time.monotonic() + HISTORY_TIMEOUT,
+    )
+    async with contextlib.aclosing(history):
+        async for seq, event in history:
+            found = True
+            if not include_progress and event.type == EventType.PROGRESS:
+                continue
+            if len(items) >= MAX_EVENTS:
+                truncated = True
+                break
+            items.append({**event.to_dict(), "seq": seq})
+    if not found:
+        raise NotFound(f"no events for task {task_id}")
+    data = {"task_id": task_id, "total": len(items), "truncated": truncated, "events": items}
+    return _json(envelope.ok(data))
+
+
+async def task_stream(request: web.Request) -> web.StreamResponse:
+    """The task's events so far, then its live ones, until ``uploaded`` or ``failed``.
+
+    Raises (before any byte is sent) InvalidInput for a bad id or flag, NotFound when
+    the stream holds no event for the task, BusError/UpstreamTimeout when NATS fails.
+    Answers 204 to a client whose ``Last-Event-ID`` already is the terminal event.
+    Failures after the response started end the stream (logged).
+    """
+    task_id = views.check_task_id(request.match_info["task_id"])
+    include_progress = parse_flag(request.query, "include_progress", True)
+    resume_after = request.headers.get("Last-Event-ID") or None
+    app = request.app
+    settings = app[SETTINGS]
+    feed = LiveFeed()
+    subject = subjects.one_task(task_id, settings.nats.subject_prefix)
+    subscription = await _subscribe_live(app[NATS], subject, feed)
+    app[STREAMS].add(feed)
+    writer = _SseWriter(request)
+    reason = "ended"
+    try:
+        seen = RecentIds()
+        held: list[Event] = []  # events up to Last-Event-ID, sent only if it is not found
+        resumed = resume_after is None
+        found = terminal = False
+
+        async def send(event: Event) -> None:
+            if include_progress or event.type != EventType.PROGRESS:
+                await writer.event(event)
+
+        history = read_history(app[JETSTREAM], settings, task_id)
+        async with contextlib.aclosing(history):
+            async for _seq, event in history:
+                found = True
+                seen.add(event.event_id)
+                terminal = terminal or event.type in TERMINAL
+                if not resumed:
+                    held.append(event)
+                    if event.event_id == resume_after:
+                        resumed = True
+                        held.clear()
+                    continue
+                await send(event)
+        if not found:
+            raise NotFound(f"no events for task {task_id}")
+        for event in held:
+            await send(event)
+        if terminal:
+            if not writer.prepared:
+                reason = "client already has the terminal event"
+                return web.Response(status=204, headers={"Cache-Control": "no-cache"})
+            reason = "task had ended"
+            return await writer.finish()
+        log.info("task %s: live event stream open for %s", task_id, request.remote)
+        await writer.comment("live")
+        reason = await writer.pump(
+            feed, seen=seen, include_progress=include_progress, stop_on_terminal=True
+        )
+        return await writer.finish()
+    except ConnectionError:
+        reason = "client went away"
+        return writer.response
+    except DcuError as exc:
+        if not writer.prepared:
+            reason = f"refused: {exc}"
+            raise
+        reason = f"failed: {exc}"
+        log.error("task %s: event stream failed: %s", task_id, exc)
+        return await writer.finish()
+    except asyncio.CancelledError:
+        reason = "cancelled"
+        raise
+    finally:
+        app[STREAMS].feeds.discard(feed)
+        feed.discard()
+        await _unsubscribe(subscription)
+        log.info("task %s: event stream closed after %d events: %s", task_id, writer.sent, reason)
+
+
+async def all_tasks_stream(request: web.Request) -> web.StreamResponse:
+    """Every task's live events (``type`` picks one kind) until the client leaves or
+    the server shuts down. Raises InvalidInput for an unknown type, BusError when the
+    subscription cannot be made; nothing is replayed from the stream."""
+    event_type = parse_event_type(request.query)
+    app = request.app
+    feed = LiveFeed()
+    subject = subjects.every_task(event_type, app[SETTINGS].nats.subject_prefix)
+    subscription = await _subscribe_live(app[NATS], subject, feed)
+    app[STREAMS].add(feed)
+    writer = _SseWriter(request)
+    reason = "ended"
+    log.info("event stream for %s open for %s", subject, request.remote)
+    try:
+        await writer.comment("live")
+        reason = await writer.pump(feed, seen=RecentIds())
+        return await writer.finish()
+    except ConnectionError:
+        reason = "client went away"
+        return writer.response
+    except asyncio.CancelledError:
+        reason = "cancelled"
+        raise
+    finally:
+        app[STREAMS].feeds.discard(feed)
+        feed.discard()
+        await _unsubscribe(subscription)
+        log.info("event stream for %s closed after %d events: %s", subject, writer.sent, reason)
+
+
+async def _end_streams(app: web.Application) -> None:
+    app[STREAMS].close_all()
 
 
 def setup(app: web.Application) -> None:
-    """Register the event routes on ``app``."""
+    """Register the event routes on ``app`` and end open streams on shutdown."""
+    app[STREAMS] = _OpenStreams()
+    app.on_shutdown.append(_end_streams)
+    # /events/stream first: it would otherwise match /events/{task_id}. No HEAD: a
+    # stream has no end to report, and HEAD /events/stream would fall through to
+    # /events/{task_id}.
+    app.router.add_get(f"{API}/events/stream", all_tasks_stream, allow_head=False)
+    app.router.add_get(f"{API}/events/{{task_id}}/stream", task_stream, allow_head=False)
+    app.router.add_get(f"{API}/events/{{task_id}}", task_history, allow_head=False)

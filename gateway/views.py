@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from events.states import TaskState
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 USERNAME_MAX = 100
 DEFAULT_PAGE_SIZE = 10
+PAGE_MAX = 1_000_000
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 class TaskLike(Protocol):
@@ -86,11 +89,11 @@ def check_task_id(raw: str) -> str:
 def check_username(raw: object) -> str:
     if not isinstance(raw, str):
         raise InvalidInput("username must be a string")
+    if len(raw) > USERNAME_MAX:  # as sent, surrounding spaces included
+        raise InvalidInput(f"username is longer than {USERNAME_MAX} characters")
     name = raw.strip()
     if not name:
         raise InvalidInput("username must not be empty")
-    if len(name) > USERNAME_MAX:
-        raise InvalidInput(f"username is longer than {USERNAME_MAX} characters")
     if any(not ch.isprintable() for ch in name):
         raise InvalidInput("username contains control characters")
     return name
@@ -109,13 +112,12 @@ def _positive_int(params: Mapping[str, str], name: str, default: int, maximum: i
     raw = params.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer, got {raw[:50]!r}") from None
-    if not 1 <= value <= maximum:
-        raise InvalidInput(f"{name} must be between 1 and {maximum}, got {value}")
-    return value
+    if not _INTEGER.fullmatch(raw):  # int() alone also takes " 5", "+5", "1_0", "\u0665"
+        raise InvalidInput(f"{name} must be an integer, got {raw[:50]!r}")
+    # more digits than any limit is out of range, and int() refuses past 4300 of them
+    if len(raw) > 20 or not 1 <= int(raw) <= maximum:
+        raise InvalidInput(f"{name} must be between 1 and {maximum}, got {raw[:50]}")
+    return int(raw)
 
 
 def parse_query(params: Mapping[str, str], max_page_size: int) -> QueryParams:
@@ -138,6 +140,6 @@ def parse_query(params: Mapping[str, str], max_page_size: int) -> QueryParams:
         docker_image_name=image,
         username=username,
         state=state,
-        page=_positive_int(params, "page", 1, 1_000_000),
+        page=_positive_int(params, "page", 1, PAGE_MAX),
         page_size=_positive_int(params, "page_size", DEFAULT_PAGE_SIZE, max_page_size),
     )

@@ -67,7 +67,10 @@ class EventRecorder:
         await nc.flush()
         self._ready.set()
         await self._stop.wait()
-        await nc.drain()
+        try:
+            await nc.drain()
+        except nats.errors.Error:  # e.g. still reconnecting after a server restart
+            await nc.close()
 
     def __enter__(self) -> EventRecorder:
         self._thread.start()
@@ -186,3 +189,8 @@ def consumer_waiting(url: str, stream: str, durable: str) -> int:
             await nc.close()
 
     return asyncio.run(main())
+
+
+def transitions_of_db(db: Path, task_id: str) -> list[tuple[str | None, str | None]]:
+    """``transitions`` without the applied flag (every row returned is applied)."""
+    return [(a, b) for a, b, _ in transitions(db, task_id)]

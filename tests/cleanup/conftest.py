@@ -1,0 +1,115 @@
+"""Fixtures for the cleanup tests: a controllable clock, a uuid-named stream and prefix
+on the session's nats-server, and object stores (S3 on moto, local directory)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+from pydantic import SecretStr
+
+from actors.object_store import ObjectStore, open_store
+from dcu import bus
+from dcu.settings import MinioSettings, NatsSettings, Settings, StorageSettings
+from tests.servers.nats import NatsServer
+from tests.servers.s3 import S3Server
+
+
+@dataclass
+class FakeClock:
+    """Wall clock for the timer: ``sleep`` moves it forward instead of waiting.
+
+    A sleep that would carry the clock past ``horizon`` never returns (the timer's stop
+    event ends it); ``parked`` counts such sleeps, i.e. loops that are done for the test.
+    ``overshoot`` adds seconds to every sleep, as a suspended host would.
+    """
+
+    now: datetime
+    horizon: datetime
+    overshoot: float = 0.0
+    parked: int = 0
+    sleeps: list[float] = field(default_factory=list)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        target = self.now + timedelta(seconds=seconds + self.overshoot)
+        if target > self.horizon:
+            self.parked += 1
+            await asyncio.Event().wait()  # cancelled by the timer when it stops
+        await asyncio.sleep(0)
+        self.now = max(self.now, target)
+
+
+@dataclass
+class Bus:
+    """A uuid stream and subject prefix of their own on the session's nats-server."""
+
+    url: str
+    settings: NatsSettings
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.subject_prefix
+
+    def dcu_settings(self, **storage: str) -> Settings:
+        return Settings(nats=self.settings, storage=StorageSettings.model_validate(storage))
+
+
+@pytest.fixture
+async def event_bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    tag = uuid.uuid4().hex[:10]
+    settings = NatsSettings(url=nats_server.url, stream=f"CLEAN_{tag}", subject_prefix=f"c{tag}")
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_stream(js, settings)
+        yield Bus(url=nats_server.url, settings=settings)
+        await js.delete_stream(settings.stream)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def jetstream(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+def _minio_settings(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> MinioSettings:
+    bucket = f"dcu-clean-{uuid.uuid4().hex[:12]}"
+    if kind == "local":
+        return MinioSettings(endpoint="", local_path=str(tmp_path / "objects"), bucket=bucket)
+    s3: S3Server = request.getfixturevalue("s3_server")
+    return MinioSettings(
+        endpoint=s3.endpoint,
+        access_key=SecretStr(s3.access_key),
+        secret_key=SecretStr(s3.secret_key),
+        bucket=bucket,
+        region=s3.region,
+    )
+
+
+@pytest.fixture(params=[pytest.param("s3", id="s3"), pytest.param("local", id="local")])
+async def object_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[ObjectStore]:
+    """The same contract tests run against the S3 store (moto) and the local store."""
+    store = open_store(_minio_settings(request.param, request, tmp_path))
+    try:
+        await store.ensure_bucket()
+        yield store
+    finally:
+        await store.close()
