@@ -131,12 +131,14 @@ def _run_on_actor_loop(coro: Awaitable[Any]) -> Any:
 
 
 class RuntimeLifecycle(Middleware):
-    """Closes the runtime's clients on the actor loop before that loop stops."""
+    """Closes the runtime's clients on the actor loop once the worker threads have
+    finished (or the grace period ran out), before AsyncIO stops that loop: ``after_*``
+    signals run in reverse order, and this middleware stands after AsyncIO."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         try:
             _run_on_actor_loop(self.runtime.close())
         except Exception as exc:
