@@ -318,6 +318,10 @@ def test_message_abandoned_by_a_dead_process_is_redelivered(js_env: JetStreamEnv
     assert taken is not None and taken.args == ("precious",)
 
     # When: the process dies without acking (its connection and keep-alives just stop).
+    # A graceful close() would hand the message back at once; forgetting what it holds
+    # first makes the close as silent as a SIGKILL.
+    with dying._lock:
+        dying._outstanding.clear()
     dying.close()
     abandoned_at = time.monotonic()
     survivor = js_env.broker(ack_wait=1.0)
@@ -534,3 +538,30 @@ def test_enqueue_raises_connection_closed_when_the_server_stays_away(
     with pytest.raises(ConnectionClosed):
         actor.send()
     assert time.monotonic() - started < 5
+
+
+def test_closing_hands_back_what_it_still_holds(js_env: JetStreamEnv) -> None:
+    # Given a message taken by a broker that is then closed gracefully (ack_wait 30 s)
+    queue = unique("q")
+    leaving = js_env.broker(ack_wait=30.0)
+    declare(leaving, lambda value: None, queue_name=queue, actor_name="work")
+    leaving.enqueue(
+        dramatiq.Message(queue_name=queue, actor_name="work", args=("x",), kwargs={}, options={})
+    )
+    consumer = leaving.consume(queue, prefetch=1, timeout=1000)
+    taken = None
+    deadline = time.monotonic() + 10
+    while taken is None and time.monotonic() < deadline:
+        taken = next(consumer)
+    assert taken is not None
+    # When it closes without acking
+    leaving.close()
+    closed_at = time.monotonic()
+    # Then another replica gets the message long before ack_wait
+    survivor = js_env.broker(ack_wait=30.0)
+    done = Recorder()
+    declare(survivor, lambda value: done.add(value), queue_name=queue, actor_name="work")
+    js_env.worker(survivor)
+    [(at, value)] = done.wait_for(1, timeout=10)
+    assert value == "x"
+    assert at - closed_at < 10
