@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' server launchers
 
 from tests.e2e.helpers import fetch_object, load_and_get_id, stream_events
 from tests.servers.dcu_process import DcuProcess
