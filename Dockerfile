@@ -21,12 +21,15 @@ RUN /opt/venv/bin/pip install --no-deps . \
 FROM python:3.11-slim
 # DCU_SERVER_HOST: listen beyond loopback inside the container; publish the port only on
 # 127.0.0.1 or a private network, behind a reverse proxy (docs/deployment.md).
+# DCU_AUTH_ENABLED: POST endpoints need a bearer token; `dcu serve`/`dcu gateway` refuse to
+# start until DCU_AUTH_TOKENS gives some (JSON name -> token, see docs/security.md).
 # Everything DCU writes lives under /var/lib/dcu: mount a volume there. The work and gzip
 # directories must be on a volume shared by the download, compress and upload roles.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DCU_SERVER_HOST=0.0.0.0 \
+    DCU_AUTH_ENABLED=true \
     DCU_SERVER_PORT=8090 \
     DCU_STORAGE_WORK_PATH=/var/lib/dcu/work \
     DCU_STORAGE_GZIP_PATH=/var/lib/dcu/gzip \

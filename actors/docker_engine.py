@@ -3,6 +3,9 @@
 Errors are translated here: a missing image or refused pull becomes ``ImageNotFound``
 (a permanent failure, not retried), a dead socket or 5xx ``EngineError``, a stalled call
 ``UpstreamTimeout``. Nothing else escapes.
+
+Registry credentials (``actors.registry_auth``) go to the engine in ``X-Registry-Auth``
+only; any of them the engine's error text repeats is masked before it becomes a message.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import aiodocker
 import aiohttp
 from aiodocker.exceptions import DockerError
 
+from actors.registry_auth import DockerConfigError, RegistryAuth
 from dcu.errors import EngineError, ImageNotFound, StorageError, UpstreamTimeout
 from dcu.settings import DockerSettings
 from events.reference import ImageReference
@@ -50,18 +54,30 @@ class ExportedImage:
     bytes: int
 
 
-def _translate(exc: BaseException, what: str) -> Exception:
+REDACTED = "***"
+_REDACT_MIN = 3  # shorter values would mask ordinary words
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each secret (longest first) masked."""
+    for secret in sorted({s for s in secrets if len(s) >= _REDACT_MIN}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _translate(exc: BaseException, what: str, secrets: Iterable[str] = ()) -> Exception:
     if isinstance(exc, DockerError) and exc.status == 900:  # aiodocker: no connection
-        return EngineError(f"{what}: cannot reach the Docker engine: {exc.message}")
+        detail = redact(str(exc.message), secrets)
+        return EngineError(f"{what}: cannot reach the Docker engine: {detail}")
     if isinstance(exc, DockerError):
-        message = f"{what}: {exc.message}"
-        lowered = exc.message.lower()
+        message = f"{what}: {redact(str(exc.message), secrets)}"
+        lowered = str(exc.message).lower()
         if exc.status == 404 or any(hint in lowered for hint in _NOT_FOUND_HINTS):
             return ImageNotFound(message)
         return EngineError(message)
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamTimeout(f"{what}: the Docker engine did not answer in time")
-    return EngineError(f"{what}: cannot reach the Docker engine: {exc}")
+    return EngineError(f"{what}: cannot reach the Docker engine: {redact(str(exc), secrets)}")
 
 
 class DockerEngine:
@@ -70,6 +86,7 @@ class DockerEngine:
     def __init__(self, settings: DockerSettings) -> None:
         self._settings = settings
         self._docker: aiodocker.Docker | None = None
+        self._registry_auth = RegistryAuth(settings)
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -83,7 +100,14 @@ class DockerEngine:
             self._docker = None
 
     def _auth_for(self, ref: ImageReference) -> dict[str, str] | None:
-        creds = self._settings.registries.get(ref.registry_host)
+        """The ``X-Registry-Auth`` content for ``ref``'s registry, or None.
+
+        Raises EngineError (retried) when the Docker config file cannot be read.
+        """
+        try:
+            creds = self._registry_auth.credentials(ref.registry_host)
+        except DockerConfigError as exc:
+            raise EngineError(str(exc)) from None
         if creds is None:
             return None
         return {
@@ -99,9 +123,11 @@ class DockerEngine:
         """
         auth = self._auth_for(ref)
         headers = {}
+        secrets: list[str] = []
         if auth is not None:
             encoded = base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()
             headers["X-Registry-Auth"] = encoded
+            secrets = [auth["username"], auth["password"], encoded]
         params = {"fromImage": ref.name, "tag": ref.pull_tag}
         layers: dict[str, tuple[int, int]] = {}
         try:
@@ -126,7 +152,9 @@ class DockerEngine:
                                 progress(done, total)
             return await self.image_id(ref.pinned)
         except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
-            raise _translate(exc, f"pull {ref}") from exc
+            # Not chained when credentials were sent: the engine's own text (unmasked) would
+            # reach every traceback logged for the failure.
+            raise _translate(exc, f"pull {ref}", secrets) from (None if secrets else exc)
 
     async def image_id(self, name: str) -> str:
         try:

@@ -3,7 +3,8 @@
 Both stores keep to the plain S3 object model (bucket, key, size, mtime, user metadata), so
 MinIO, Ceph RGW, AWS S3 and moto all work, and the local store is a drop-in for running
 DCU without an S3 server. Every failure becomes ``StorageError`` naming the endpoint
-(never the keys).
+(never the keys). With ``minio.use_ssl`` the server's certificate is checked against the
+system's trust store, or against ``minio.ca_file`` alone when that is set.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -102,8 +104,23 @@ class S3ObjectStore:
         scheme = "https" if self._settings.use_ssl else "http"
         return f"{scheme}://{self._settings.endpoint}/{self._settings.bucket}"
 
+    def _tls(self) -> ssl.SSLContext | bool:
+        """The connector's TLS verification: True (system trust store) or ca_file's CAs.
+
+        Raises StorageError when ``minio.ca_file`` cannot be loaded.
+        """
+        ca_file = self._settings.ca_file
+        if not ca_file:
+            return True
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except OSError as exc:  # ssl.SSLError included: not a PEM bundle
+            detail = exc.strerror or str(exc)
+            raise StorageError(f"cannot load minio.ca_file {ca_file}: {detail}") from None
+
     @property
     def client(self) -> Minio:
+        """The S3 client, created on first use; raises StorageError for a bad ca_file."""
         if self._client is None:
             self._client = Minio(
                 self._settings.endpoint,
@@ -114,7 +131,7 @@ class S3ObjectStore:
                 # Bounded waits: a stalled S3 fails the attempt and dramatiq retries it,
                 # instead of miniopy's default five-minute waits.
                 session=aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=10),
+                    connector=aiohttp.TCPConnector(limit=10, ssl=self._tls()),
                     timeout=aiohttp.ClientTimeout(
                         connect=self._settings.connect_timeout,
                         sock_connect=self._settings.connect_timeout,

@@ -23,7 +23,7 @@ from actors.progress import ProgressReporter
 from dcu.errors import PermanentFailure
 from dcu.settings import Settings
 from events import naming
-from events.reference import ImageReference, InvalidReference, parse_reference
+from events.reference import ImageReference, InvalidReference, parse_reference, registry_refusal
 from events.schema import (
     Compressed,
     CompressStarted,
@@ -110,10 +110,15 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     """Pull the image and export it to the task's work tar; emits ``downloaded``.
 
     Returns None (doing nothing) when the download already completed for this task.
+    Raises PermanentFailure for a registry outside ``docker.allowed_registries`` (checked
+    here again: a ``requested`` event published straight to NATS skips the gateway).
     """
     assert isinstance(event.payload, Requested)
     task_id = _task_id(event)
     ref = _reference(event.payload.docker_image_name)
+    refusal = registry_refusal(ref, ctx.settings.docker.allowed_registries)
+    if refusal is not None:
+        raise PermanentFailure(refusal)
     if await ctx.already_done(task_id, EventType.DOWNLOADED):
         return None
     await ctx.announce(task_id, DownloadStarted(worker=ctx.worker, attempt=attempt))

@@ -6,6 +6,10 @@ dcu gateway   the HTTP gateway only
 dcu worker    workers for some roles: dcu worker download compress upload cleanup
 dcu persist   the persistence subscriber only
 dcu timer     the cleanup timer only (publishes cleanup requests on the cron ticks)
+
+Exit code 2 is a configuration the command refuses before starting anything: invalid
+settings, an unreadable ``docker.config_file`` for a download worker, or an HTTP role
+(serve, gateway) on a non-loopback address with auth off (``dcu.settings.listen_refusal``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from aiohttp import web
 
 from dcu.embedded import EmbeddedNats
 from dcu.service import ROLES, StageWorkers, ensure_topology, wait_for_signal
-from dcu.settings import Settings, load_settings
+from dcu.settings import Settings, describe_error, is_loopback, listen_refusal, load_settings
 
 log = logging.getLogger("dcu")
 
@@ -75,10 +79,16 @@ async def _run(
             site = web.TCPSite(runner, settings.server.host, settings.server.port)
             await site.start()
             log.info(
-                "gateway listening on http://%s:%d/api/dcu",
+                "gateway listening on http://%s:%d/api/dcu (auth %s)",
                 settings.server.host,
                 settings.server.port,
+                "on" if settings.auth.enabled else "off",
             )
+            if not settings.auth.enabled and not is_loopback(settings.server.host):
+                log.warning(
+                    "the gateway is reachable beyond this host without authentication "
+                    "(server.allow_unauthenticated)"
+                )
             await wait_for_signal(stop)
         elif persist:
             await run_persistence(settings, nats_url, until=wait_for_signal(stop))
@@ -155,13 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except Exception as exc:
-        print(f"dcu: bad configuration: {exc}", file=sys.stderr)
+        print(f"dcu: bad configuration: {describe_error(exc)}", file=sys.stderr)
         return 2
     _configure_logging(settings)
     command = args.command
     if command == "replay":
         return asyncio.run(_replay(settings, args.into or settings.database.tortoise_url()))
+    if command in {"serve", "gateway"} and (refusal := listen_refusal(settings)) is not None:
+        print(f"dcu: {refusal}", file=sys.stderr)
+        return 2
     roles = list(ROLES) if command == "serve" else list(dict.fromkeys(getattr(args, "stages", [])))
+    if "download" in roles and settings.docker.config_file:
+        from actors.registry_auth import DockerConfigError, RegistryAuth
+
+        try:
+            RegistryAuth(settings.docker).load()
+        except DockerConfigError as exc:
+            print(f"dcu: bad configuration: {exc}", file=sys.stderr)
+            return 2
     timer = command in {"serve", "timer"}
     if timer:
         from actors.timer import schedules

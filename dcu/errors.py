@@ -7,6 +7,7 @@
     ├── Unauthorized            missing or wrong token (401)
     ├── NotFound                unknown task (404)
     ├── Conflict                a change that does not fit the current state (409)
+    ├── TooManyRequests         a per-user limit is reached; try again later (429)
     ├── PermanentFailure        a stage failure that retrying cannot fix
     │   └── ImageNotFound       the engine or registry says the image does not exist
     └── UpstreamError           an external system failed (engine, registry, S3, NATS, disk)
@@ -40,6 +41,10 @@ class NotFound(DcuError):
 
 
 class Conflict(DcuError):
+    pass
+
+
+class TooManyRequests(DcuError):
     pass
 
 

@@ -7,11 +7,14 @@ Every key can be overridden by ``DCU_<SECTION>_<KEY>`` (``DCU_MINIO_ENDPOINT=...
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +32,66 @@ class ServerSettings(BaseModel):
     mode: Literal["debug", "release"] = "debug"
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_page_size: int = Field(default=100, ge=1)
+    # ``dcu serve``/``dcu gateway`` refuse a non-loopback host while auth is off, unless
+    # this says the exposure is deliberate (a trusted network, a proxy that authenticates).
+    allow_unauthenticated: bool = False
+    # Tasks one user may have idle or running at once; POST /start answers 429 past it.
+    max_active_tasks_per_user: int = Field(default=0, ge=0)  # 0: no limit
+
+
+TOKEN_MIN_LENGTH = 16
+TOKEN_NAME_MAX = 100  # the task's username column
+HASHED_PREFIX = "sha256:"
+_HASHED = re.compile(r"sha256:[0-9a-fA-F]{64}")
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: an HTTP header value
+
+
+def token_digest(value: str) -> bytes:
+    """The sha256 digest a configured token stands for: ``sha256:<hex>`` as given, a plain
+    token hashed. The gateway compares digests, so both forms work the same."""
+    if value.startswith(HASHED_PREFIX):
+        return bytes.fromhex(value[len(HASHED_PREFIX) :])
+    return hashlib.sha256(value.encode()).digest()
+
+
+class AuthSettings(BaseModel):
+    """Bearer tokens for the gateway: ``tokens`` maps a user or system name to its token
+    (or ``sha256:<hex>`` of it). The name becomes the username of the tasks it starts."""
+
+    enabled: bool = False
+    tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    # Also require a token for GET endpoints (all but /health, which health checks poll).
+    protect_reads: bool = False
+
+    @field_validator("tokens")
+    @classmethod
+    def _valid_tokens(cls, tokens: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # Messages name the entry, never its value.
+        owners: dict[bytes, str] = {}
+        for name, secret in tokens.items():
+            if name != name.strip() or not name or len(name) > TOKEN_NAME_MAX:
+                raise ValueError(
+                    f"token name {name[:TOKEN_NAME_MAX]!r} must be 1-{TOKEN_NAME_MAX} "
+                    "characters without surrounding spaces"
+                )
+            if not name.isprintable():
+                raise ValueError(f"token name {name!r} contains control characters")
+            value = secret.get_secret_value()
+            if value.startswith(HASHED_PREFIX):
+                if not _HASHED.fullmatch(value):
+                    raise ValueError(
+                        f"token of {name!r}: a hashed token is sha256: and 64 hex digits"
+                    )
+            elif len(value) < TOKEN_MIN_LENGTH or not _TOKEN_CHARS.fullmatch(value):
+                raise ValueError(
+                    f"token of {name!r} must be at least {TOKEN_MIN_LENGTH} printable ASCII "
+                    "characters without spaces (e.g. `openssl rand -hex 32`)"
+                )
+            digest = token_digest(value)
+            if digest in owners:
+                raise ValueError(f"tokens of {owners[digest]!r} and {name!r} are the same")
+            owners[digest] = name
+        return tokens
 
 
 class DatabaseSettings(BaseModel):
@@ -66,6 +129,15 @@ class MinioSettings(BaseModel):
     part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=120.0, gt=0)
+    # PEM bundle of the CA(s) that signed the S3 server's certificate, instead of the
+    # system's trust store; only with ``use_ssl``.
+    ca_file: str = ""
+
+    @model_validator(mode="after")
+    def _ca_needs_tls(self) -> MinioSettings:
+        if self.ca_file and not self.use_ssl:
+            raise ValueError("minio.ca_file is set but minio.use_ssl is false")
+        return self
 
 
 class NatsSettings(BaseModel):
@@ -99,11 +171,33 @@ class RegistryCredentials(BaseModel):
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 
+_REGISTRY_HOST = re.compile(r"(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+
+
 class DockerSettings(BaseModel):
     # empty: $DOCKER_HOST, else the engine's default unix socket (resolved at load time)
     host: str = ""
+    # Per-registry credentials ``{host: {username, password}}``; they win over config_file.
     registries: dict[str, RegistryCredentials] = Field(default_factory=dict)
+    # A Docker client config (``~/.docker/config.json``) whose ``auths`` give credentials.
+    config_file: str = ""
+    # Registries (``host[:port]``, ``docker.io`` for Docker Hub names) images may come
+    # from; empty allows any. Checked by the gateway and again by the download stage.
+    allowed_registries: list[str] = Field(default_factory=list)
     pull_timeout: float = Field(default=1800, gt=0)
+
+    @field_validator("allowed_registries")
+    @classmethod
+    def _registry_hosts(cls, hosts: list[str]) -> list[str]:
+        normalised = []
+        for host in hosts:
+            value = host.strip().lower()
+            if not _REGISTRY_HOST.fullmatch(value):
+                raise ValueError(
+                    f"allowed registry {host!r} is not a host[:port] (no scheme, no path)"
+                )
+            normalised.append(value)
+        return normalised
 
 
 class WorkerSettings(BaseModel):
@@ -131,6 +225,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     minio: MinioSettings = Field(default_factory=MinioSettings)
@@ -155,6 +250,53 @@ class Settings(BaseSettings):
 
 
 _config_file: dict[str, Path] = {}
+
+
+def describe_error(exc: Exception) -> str:
+    """A configuration error as text, one line per bad key, never echoing a value (pydantic's
+    own text repeats the input, which may be a password or a token)."""
+    if isinstance(exc, ValidationError):
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or '(root)'}: "
+            + error["msg"].removeprefix("Value error, ")
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        return "; ".join(problems)
+    return str(exc)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only listens on this machine."""
+    name = host.strip().lower().removeprefix("[").removesuffix("]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another host name: assume it is reachable from elsewhere
+
+
+def listen_refusal(settings: Settings) -> str | None:
+    """Why an HTTP role must not start with these settings, or None when it may.
+
+    Refused: auth enabled without any token (every POST would be refused), and a
+    non-loopback ``server.host`` with auth off unless ``server.allow_unauthenticated``.
+    """
+    auth = settings.auth
+    host = settings.server.host
+    if auth.enabled and not auth.tokens:
+        return (
+            "auth.enabled is true but auth.tokens is empty: give at least one "
+            '{"name": "token"} (DCU_AUTH_TOKENS takes JSON)'
+        )
+    if not auth.enabled and not settings.server.allow_unauthenticated and not is_loopback(host):
+        return (
+            f"refusing to listen on {host or 'every interface'!r} without authentication: "
+            "set auth.enabled with auth.tokens (DCU_AUTH_ENABLED=true, DCU_AUTH_TOKENS=...), "
+            "listen on a loopback address, or set server.allow_unauthenticated: true "
+            "if an authenticating proxy or a trusted network guards it"
+        )
+    return None
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:

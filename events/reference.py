@@ -10,6 +10,7 @@ caller can act on; never anything else.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from docker_image import reference as _grammar
@@ -115,3 +116,19 @@ def parse_reference(text: object) -> ImageReference:
     return ImageReference(
         original=text, registry=domain, path=path, tag=tag, digest=parsed["digest"]
     )
+
+
+def registry_refusal(ref: ImageReference, allowed: Sequence[str]) -> str | None:
+    """Why ``ref`` may not be pulled under the allow-list ``allowed``, or None when it may.
+
+    An empty list allows every registry. Entries are ``host[:port]``; Docker Hub shorthand
+    (``nginx``) is ``docker.io``. The host compares case-insensitively and the port
+    exactly: ``registry.local:5000`` allows neither ``registry.local`` nor
+    ``registry.local:5001``.
+    """
+    if not allowed:
+        return None
+    host = ref.registry_host.lower()
+    if host in {entry.lower() for entry in allowed}:
+        return None
+    return f"registry {host} is not allowed; allowed: {', '.join(allowed)}"

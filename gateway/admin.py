@@ -8,8 +8,12 @@ JetStream acknowledgement), then waits up to ``timeout`` seconds (default 60, at
 run does not finish in time (no cleanup worker running, a long run) it answers ``202``
 with code 0 and the request id, so the caller can watch the subject instead.
 
+With ``auth.enabled`` the request needs a bearer token (gateway/auth.py) and
+``requested_by`` is the token's name; one in the body is then checked and ignored.
+
 Errors: a body that is not a JSON object, an unknown ``kind`` (the message lists the
-kinds) or a ``timeout`` out of range -> 400; NATS not acknowledging the request -> 503.
+kinds) or a ``timeout`` out of range -> 400; a missing or wrong token -> 401; NATS not
+acknowledging the request -> 503.
 Shutdown answers every waiting request with its ``202`` at once.
 """
 
@@ -37,7 +41,7 @@ from events.cleanup import (
     subject,
 )
 from events.schema import DecodeError
-from gateway import envelope, views
+from gateway import auth, envelope, views
 from gateway.keys import API, JETSTREAM, NATS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -106,6 +110,7 @@ async def request_cleanup(request: web.Request) -> web.Response:
     requested_by = DEFAULT_REQUESTER
     if "requested_by" in data:
         requested_by = views.check_username(data["requested_by"])
+    requested_by = request.get(auth.USER, requested_by)
     event = admin_request(kind, requested_by)
     prefix = request.app[SETTINGS].nats.subject_prefix
     done_subject = subject(kind, CleanupEventType.COMPLETED, prefix)

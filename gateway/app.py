@@ -6,6 +6,7 @@ Resources (NATS connection, database, optional persistence subscriber) live in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -16,12 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from dcu import bus
-from dcu.errors import DcuError, InvalidInput, NotFound
+from dcu.errors import DcuError, InvalidInput, NotFound, TooManyRequests, Unauthorized
 from dcu.settings import Settings
-from events.reference import InvalidReference, parse_reference
+from events.reference import InvalidReference, parse_reference, registry_refusal
 from events.schema import Event, Requested
 from events.states import TaskState
-from gateway import admin, envelope, events_api, openapi, views
+from gateway import admin, auth, envelope, events_api, openapi, views
 from gateway.keys import API, JETSTREAM, NATS, NATS_URL, SETTINGS
 from persistence import repository
 from persistence.database import close_database, init_database
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Serialises the per-user limit's count-then-create within this gateway.
+START_LOCK = web.AppKey("start_lock", asyncio.Lock)
 
 
 def _json(body: dict[str, Any]) -> web.Response:
@@ -48,7 +51,10 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
         body = envelope.for_error(exc)
         if body["status"] >= 500:
             log.error("%s %s: %s", request.method, request.path, exc)
-        return _json(body)
+        response = _json(body)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = auth.CHALLENGE
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].server.max_body_bytes
         return _json(envelope.for_status(413, f"request body larger than {limit} bytes"))
@@ -78,30 +84,63 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 async def start_task(request: web.Request) -> web.Response:
+    """Validate the request and publish ``requested``.
+
+    With a token the task's username is the token's name (a ``username`` in the body is
+    still validated, then ignored). Raises InvalidInput for a bad body, a bad reference or
+    a registry outside ``docker.allowed_registries``, TooManyRequests when the user is at
+    ``server.max_active_tasks_per_user``, BusError when NATS does not take the event.
+    """
     data = await _body(request)
-    for field in ("username", "docker_image_name"):
-        if field not in data:
-            raise InvalidInput(f"missing field: {field}")
-    username = views.check_username(data["username"])
+    authenticated = request.get(auth.USER)
+    if authenticated is None and "username" not in data:
+        raise InvalidInput("missing field: username")
+    if "docker_image_name" not in data:
+        raise InvalidInput("missing field: docker_image_name")
+    username = views.check_username(data["username"]) if "username" in data else ""
+    if authenticated is not None:
+        username = authenticated  # the token's name wins; the body's was only checked
     try:
         ref = parse_reference(data["docker_image_name"])
     except InvalidReference as exc:
         raise InvalidInput(str(exc)) from None
     if len(ref.original) > 500:
         raise InvalidInput("docker_image_name is longer than 500 characters")
+    settings = request.app[SETTINGS]
+    refusal = registry_refusal(ref, settings.docker.allowed_registries)
+    if refusal is not None:
+        raise InvalidInput(refusal)
     event = Event(
         task_id=str(uuid.uuid4()),
         payload=Requested(username=username, docker_image_name=ref.original),
     )
-    settings = request.app[SETTINGS]
-    await bus.publish(request.app[JETSTREAM], event, settings.nats.subject_prefix)
-    # The subscriber records the same event; recording it here as well means a status
-    # query right after this response can never miss the task.
-    await repository.create_if_absent(event)
+    limit = settings.server.max_active_tasks_per_user
+    if limit:
+        async with request.app[START_LOCK]:
+            active = await repository.count_active(username)
+            if active >= limit:
+                log.warning(
+                    "start by %s refused: %d unfinished tasks, limit %d", username, active, limit
+                )
+                raise TooManyRequests(
+                    f"user {username} already has {active} unfinished tasks, the limit is "
+                    f"{limit}; try again when one has ended"
+                )
+            await _publish_requested(request, event)
+    else:
+        await _publish_requested(request, event)
     log.info("task %s: requested %s by %s", event.task_id, ref, username)
     return _json(
         envelope.ok({"task_id": event.task_id, "state": TaskState.IDLE.value}, envelope.STARTED)
     )
+
+
+async def _publish_requested(request: web.Request, event: Event) -> None:
+    settings = request.app[SETTINGS]
+    await bus.publish(request.app[JETSTREAM], event, settings.nats.subject_prefix)
+    # The subscriber records the same event; recording it here as well means a status
+    # query (or the per-user count) right after this response can never miss the task.
+    await repository.create_if_absent(event)
 
 
 async def task_status(request: web.Request) -> web.Response:
@@ -191,10 +230,13 @@ def create_app(
 ) -> web.Application:
     """The gateway; ``with_persistence`` also runs the persistence subscriber in it."""
     app = web.Application(
-        middlewares=[envelope_errors], client_max_size=settings.server.max_body_bytes
+        middlewares=[envelope_errors, auth.require_token],
+        client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[NATS_URL] = nats_url
+    app[START_LOCK] = asyncio.Lock()
+    auth.setup(app)
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_nats_ctx)
     if with_persistence:

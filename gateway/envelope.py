@@ -19,6 +19,7 @@ ERROR_TABLE: dict[type[errors.DcuError], tuple[int, int]] = {
     errors.Unauthorized: (401, 40100),
     errors.NotFound: (404, 40400),
     errors.Conflict: (409, 40900),
+    errors.TooManyRequests: (429, 42900),
     errors.UpstreamTimeout: (504, 50400),
     errors.UpstreamError: (503, 50300),
 }

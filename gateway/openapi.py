@@ -9,6 +9,11 @@ route this module does not describe yet still appears, as an envelope-only opera
 The document itself is plain OpenAPI, not wrapped in the envelope, so tools load it as is.
 Every other response, errors included, is the envelope (``#/components/schemas/Envelope``):
 ``code`` 0 exactly when the HTTP status is 2xx, ``status`` equal to the HTTP status.
+
+Security follows the settings (gateway/auth.py): with ``auth.enabled`` off, POST
+operations accept an optional bearer token; on, they require one (and ``/start`` takes
+its username from it); with ``auth.protect_reads`` every GET but ``/health`` requires one
+as well and documents the 401.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dcu.settings import AuthSettings
 from events.schema import EventType
 from events.states import PROGRESS, TaskState
 from gateway import views
@@ -47,7 +53,7 @@ def _nullable(schema: Schema) -> Schema:
 # --- schemas ---------------------------------------------------------------------------
 
 
-def _schemas() -> dict[str, Schema]:
+def _schemas(auth: AuthSettings) -> dict[str, Schema]:
     event_types = [t.value for t in EventType]
     states = [s.value for s in TaskState]
     time = {"type": "string", "pattern": _TIME, "example": "2025-12-10 20:25:00"}
@@ -67,13 +73,21 @@ def _schemas() -> dict[str, Schema]:
         },
         "StartRequest": {
             "type": "object",
-            "required": ["username", "docker_image_name"],
+            "required": ["docker_image_name"]
+            if auth.enabled
+            else ["username", "docker_image_name"],
             "properties": {
                 "username": {
                     "type": "string",
                     "minLength": 1,
                     "maxLength": views.USERNAME_MAX,
-                    "description": "Trimmed; must not be blank nor hold control characters.",
+                    "description": "Trimmed; must not be blank nor hold control characters."
+                    + (
+                        " Optional and ignored: the task's username is the token's name "
+                        "(still checked when given)."
+                        if auth.enabled
+                        else ""
+                    ),
                     "example": "test_user",
                 },
                 "docker_image_name": {
@@ -278,9 +292,16 @@ def _responses() -> dict[str, Schema]:
         "BadRequest": _json(
             "Malformed input; `message` names the problem.", _envelope(400, {"nullable": True})
         ),
-        "Unauthorized": _json(
-            "Only once tokens are configured: the bearer token is missing or wrong.",
-            _envelope(401, {"nullable": True}),
+        "Unauthorized": {
+            **_json(
+                "Only with `auth.enabled`: the bearer token is missing or wrong.",
+                _envelope(401, {"nullable": True}),
+            ),
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        },
+        "TooManyRequests": _json(
+            "The user already has `server.max_active_tasks_per_user` unfinished tasks.",
+            _envelope(429, {"nullable": True}),
         ),
         "NotFound": _json("No such task, or an unknown route.", _envelope(404)),
         "MethodNotAllowed": {
@@ -304,6 +325,7 @@ def _errors(*names: str) -> dict[str, Schema]:
     statuses = {
         "BadRequest": "400",
         "Unauthorized": "401",
+        "TooManyRequests": "429",
         "NotFound": "404",
         "PayloadTooLarge": "413",
         "Unavailable": "503",
@@ -353,6 +375,8 @@ _SSE = {
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 _OPTIONAL_AUTH: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+_REQUIRED_AUTH: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+_OPEN_READS = {"/health"}  # gateway.auth.ALWAYS_OPEN, below API
 
 
 def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
@@ -363,7 +387,6 @@ def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
                 "operationId": "startTask",
                 "tags": ["tasks"],
                 "summary": "Request a task: pull, compress and upload one image.",
-                "security": _OPTIONAL_AUTH,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("schemas", "StartRequest")}},
@@ -373,7 +396,13 @@ def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
                         "The task was requested (message `任务已启动`).",
                         _ref("schemas", "StartResult"),
                     ),
-                    **_errors("BadRequest", "Unauthorized", "PayloadTooLarge", "Unavailable"),
+                    **_errors(
+                        "BadRequest",
+                        "Unauthorized",
+                        "PayloadTooLarge",
+                        "TooManyRequests",
+                        "Unavailable",
+                    ),
                 },
             }
         },
@@ -490,7 +519,6 @@ def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
                 "operationId": "startCleanup",
                 "tags": ["admin"],
                 "summary": "Run the gzip or object cleanup now.",
-                "security": _OPTIONAL_AUTH,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("schemas", "CleanupRequest")}},
@@ -538,6 +566,28 @@ def _undescribed(path: str) -> Schema:
     }
 
 
+def _secured(path: str, method: str, operation: Schema, auth: AuthSettings) -> Schema:
+    """``operation`` with the security the settings give it (see the module docstring)."""
+    if method not in {"get", "head", "options"}:
+        security = _REQUIRED_AUTH if auth.enabled else _OPTIONAL_AUTH
+        responses = {**operation["responses"], "401": _ref("responses", "Unauthorized")}
+        return {**operation, "security": security, "responses": responses}
+    if auth.enabled and auth.protect_reads and path not in _OPEN_READS:
+        responses = {**operation["responses"], "401": _ref("responses", "Unauthorized")}
+        return {**operation, "security": _REQUIRED_AUTH, "responses": responses}
+    return operation
+
+
+def _scheme_description(auth: AuthSettings) -> str:
+    if not auth.enabled:
+        return "Not enforced (auth.enabled is off); POST endpoints accept it."
+    reads = "and every GET but /health " if auth.protect_reads else ""
+    return (
+        f"Required by POST endpoints {reads}(auth.enabled); "
+        "`POST /start` takes the task's username from the token's name."
+    )
+
+
 def _routes(app: web.Application) -> list[tuple[str, str]]:
     """``(path below API, lower-case method)`` of every route, in registration order;
     HEAD (aiohttp's automatic twin of GET) and catch-all routes are left out."""
@@ -562,11 +612,12 @@ def _version() -> str:
 
 def document(app: web.Application) -> dict[str, Any]:
     """The OpenAPI document for the routes ``app`` has now."""
-    described = _described(app[SETTINGS].server.max_page_size)
+    settings = app[SETTINGS]
+    described = _described(settings.server.max_page_size)
     paths: dict[str, dict[str, Schema]] = {}
     for path, method in _routes(app):
         operation = described.get(path, {}).get(method) or _undescribed(path)
-        paths.setdefault(path, {})[method] = operation
+        paths.setdefault(path, {})[method] = _secured(path, method, operation, settings.auth)
     return {
         "openapi": VERSION,
         "info": {
@@ -586,14 +637,13 @@ def document(app: web.Application) -> dict[str, Any]:
         ],
         "paths": paths,
         "components": {
-            "schemas": _schemas(),
+            "schemas": _schemas(settings.auth),
             "responses": _responses(),
             "securitySchemes": {
                 "bearerAuth": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "Optional until tokens are configured; POST endpoints "
-                    "accept it.",
+                    "description": _scheme_description(settings.auth),
                 }
             },
         },

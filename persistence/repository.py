@@ -637,6 +637,17 @@ class TaskRepository:
         rows = await self._run("cannot list active tasks", read)
         return [_task_record(row) for row in rows]
 
+    async def count_active(self, username: str) -> int:
+        """How many of ``username``'s tasks are not terminal (idle or running)."""
+
+        async def read() -> int:
+            return await DcuTask.filter(
+                username=username,
+                state__not_in=[state.value for state in TERMINAL_STATES],
+            ).count()
+
+        return await self._run(f"cannot count active tasks of {username}", read)
+
     async def ping(self) -> None:
         """Check the database answers (health checks); raises DatabaseError when not."""
 
@@ -697,6 +708,11 @@ async def query(
 async def active_tasks(older_than: datetime) -> list[TaskRecord]:
     """``TaskRepository.active_tasks`` on the default database."""
     return await TaskRepository().active_tasks(older_than)
+
+
+async def count_active(username: str) -> int:
+    """``TaskRepository.count_active`` on the default database."""
+    return await TaskRepository().count_active(username)
 
 
 async def ping() -> None:

@@ -34,6 +34,7 @@ REQUIRED_ENV = {
     "MINIO_ROOT_PASSWORD": "dcu-test-minio-secret",
     "POSTGRES_PASSWORD": "dcu-test-pg-secret",
     "DOCKER_GID": "4242",
+    "DCU_AUTH_TOKENS": '{"jenkins": "dcu-test-api-token-0123456789"}',
 }
 ROLES: dict[str, list[str]] = {
     "gateway": ["gateway"],
@@ -236,6 +237,8 @@ def test_roles_share_the_dcu_environment(services: dict[str, dict[str, Any]]) ->
         "DCU_MINIO_ENDPOINT": "minio:9000",
         "DCU_MINIO_ACCESS_KEY": REQUIRED_ENV["MINIO_ROOT_USER"],
         "DCU_MINIO_SECRET_KEY": REQUIRED_ENV["MINIO_ROOT_PASSWORD"],
+        "DCU_AUTH_ENABLED": "true",
+        "DCU_AUTH_TOKENS": REQUIRED_ENV["DCU_AUTH_TOKENS"],
     }
     environments = {role: services[role]["environment"] for role in ROLES}
     for role, environment in environments.items():
@@ -460,6 +463,7 @@ def test_dockerfile_listens_and_checks_health() -> None:
     assert final["EXPOSE"] == [str(GATEWAY_PORT)]
     env = " ".join(final["ENV"])
     assert "DCU_SERVER_HOST=0.0.0.0" in env
+    assert "DCU_AUTH_ENABLED=true" in env  # listening beyond loopback needs tokens
     assert f"DCU_SERVER_PORT={GATEWAY_PORT}" in env
     (healthcheck,) = final["HEALTHCHECK"]
     assert "/api/dcu/health" in healthcheck
@@ -468,6 +472,38 @@ def test_dockerfile_listens_and_checks_health() -> None:
     command = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
     assert command[:2] == ["python", "-c"]
     compile(command[2], "<healthcheck>", "exec")
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The runtime stage's ``ENV KEY=VALUE ...`` pairs."""
+    pairs = " ".join(_dockerfile_stages()[-1]["ENV"]).split()
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def test_the_gateway_container_starts_only_with_tokens(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcu.settings import listen_refusal, load_settings
+
+    # Given the image's environment, then the gateway service's, over the image's config
+    for key in os.environ:
+        if key.startswith("DCU_"):
+            monkeypatch.delenv(key)
+    environment = {**_dockerfile_env(), **services["gateway"]["environment"]}
+    for key, value in environment.items():
+        if key.startswith("DCU_"):
+            monkeypatch.setenv(key, str(value))
+    config = ROOT / "configs" / "config.yaml"
+    # When the settings are loaded, the gateway listens beyond loopback with auth on
+    settings = load_settings(config)
+    assert settings.server.host == "0.0.0.0"
+    assert settings.auth.enabled
+    assert set(settings.auth.tokens) == {"jenkins"}
+    assert listen_refusal(settings) is None
+    # and without tokens `dcu gateway` would refuse to start
+    monkeypatch.delenv("DCU_AUTH_TOKENS")
+    refusal = listen_refusal(load_settings(config))
+    assert refusal is not None and "auth.tokens is empty" in refusal
 
 
 def test_dockerignore_keeps_secrets_out_and_the_package_in() -> None:

@@ -413,6 +413,22 @@ async def test_active_tasks_are_the_quiet_unfinished_ones(repository: TaskReposi
     assert {task.task_id for task in everything} == {quiet.task_id, busy.task_id}
 
 
+async def test_count_active_counts_a_users_unfinished_tasks(repository: TaskRepository) -> None:
+    # Given alice's tasks in every state, and bob's idle one
+    for minute, state in enumerate(TaskState):
+        timeline = Timeline(start=T0 + timedelta(minutes=minute))
+        events = [timeline.requested(user="alice"), *events_to(timeline, state)[1:]]
+        await apply_all(repository, events, 100 * minute)
+    other = Timeline(start=T0 + timedelta(hours=1))
+    await apply_all(repository, [other.requested(user="bob")], 1000)
+    # Then only her idle and running ones count, and nobody else's
+    running = {TaskState.IDLE, TaskState.DOWNLOADING, TaskState.COMPRESSING, TaskState.UPLOADING}
+    assert await repository.count_active("alice") == len(running)
+    assert await repository.count_active("bob") == 1
+    assert await repository.count_active("carol") == 0
+    assert await repository.count_active("Alice") == 0  # exact match, as stored
+
+
 # -- query ----------------------------------------------------------------------------
 
 
