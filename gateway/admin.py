@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -42,6 +41,7 @@ from events.cleanup import (
 )
 from events.schema import DecodeError
 from gateway import auth, envelope, views
+from gateway.http import read_object, respond
 from gateway.keys import API, JETSTREAM, NATS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -59,25 +59,6 @@ class _Waiting:
 
 
 WAITING = web.AppKey("cleanup_waiting", _Waiting)
-
-
-def _json(body: dict[str, Any]) -> web.Response:
-    return web.json_response(
-        body, status=body["status"], dumps=lambda obj: json.dumps(obj, ensure_ascii=False)
-    )
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        raise InvalidInput('request body is empty; expected {"kind": "gzip"|"objects"}')
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return data
 
 
 def _timeout(data: dict[str, Any]) -> float:
@@ -104,7 +85,7 @@ async def request_cleanup(request: web.Request) -> web.Response:
 
     Raises InvalidInput for a bad body and BusError when NATS does not take the request.
     """
-    data = await _body(request)
+    data = await read_object(request, '{"kind": "gzip"|"objects"}')
     kind = _kind(data)
     timeout = _timeout(data)
     requested_by = DEFAULT_REQUESTER
@@ -153,9 +134,9 @@ async def request_cleanup(request: web.Request) -> web.Response:
         with contextlib.suppress(NatsError):
             await subscription.unsubscribe()
     if completed.done():
-        return _json(envelope.ok(completed.result().to_dict(), "cleanup completed"))
+        return respond(envelope.ok(completed.result().to_dict(), "cleanup completed"))
     completed.cancel()
-    return _json(
+    return respond(
         {
             "code": 0,
             "status": 202,

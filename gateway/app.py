@@ -7,7 +7,6 @@ Resources (NATS connection, database, optional persistence subscriber) live in
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +22,7 @@ from events.reference import InvalidReference, parse_reference, registry_refusal
 from events.schema import Event, Requested
 from events.states import TaskState
 from gateway import admin, auth, envelope, events_api, openapi, views
+from gateway.http import read_object, respond
 from gateway.keys import API, JETSTREAM, NATS, NATS_URL, SETTINGS
 from persistence import repository
 from persistence.database import close_database, init_database
@@ -36,12 +36,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 START_LOCK = web.AppKey("start_lock", asyncio.Lock)
 
 
-def _json(body: dict[str, Any]) -> web.Response:
-    return web.json_response(
-        body, status=body["status"], dumps=lambda obj: json.dumps(obj, ensure_ascii=False)
-    )
-
-
 @web.middleware
 async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as the envelope with a precise message; never a bare 500."""
@@ -51,36 +45,23 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
         body = envelope.for_error(exc)
         if body["status"] >= 500:
             log.error("%s %s: %s", request.method, request.path, exc)
-        response = _json(body)
+        response = respond(body)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = auth.CHALLENGE
         return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].server.max_body_bytes
-        return _json(envelope.for_status(413, f"request body larger than {limit} bytes"))
+        return respond(envelope.for_status(413, f"request body larger than {limit} bytes"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = _json(envelope.for_status(exc.status, exc.reason))
+        response = respond(envelope.for_status(exc.status, exc.reason))
         if "Allow" in exc.headers:  # a 405 names the methods the path takes (RFC 9110)
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return _json(envelope.failure(*envelope.INTERNAL, "internal error"))
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        raise InvalidInput("request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return data
+        return respond(envelope.failure(*envelope.INTERNAL, "internal error"))
 
 
 async def start_task(request: web.Request) -> web.Response:
@@ -91,7 +72,7 @@ async def start_task(request: web.Request) -> web.Response:
     a registry outside ``docker.allowed_registries``, TooManyRequests when the user is at
     ``server.max_active_tasks_per_user``, BusError when NATS does not take the event.
     """
-    data = await _body(request)
+    data = await read_object(request)
     authenticated = request.get(auth.USER)
     if authenticated is None and "username" not in data:
         raise InvalidInput("missing field: username")
@@ -130,7 +111,7 @@ async def start_task(request: web.Request) -> web.Response:
     else:
         await _publish_requested(request, event)
     log.info("task %s: requested %s by %s", event.task_id, ref, username)
-    return _json(
+    return respond(
         envelope.ok({"task_id": event.task_id, "state": TaskState.IDLE.value}, envelope.STARTED)
     )
 
@@ -150,7 +131,7 @@ async def task_status(request: web.Request) -> web.Response:
     except NotFound:
         raise NotFound(f"task {task_id} not found") from None
     detail = await repository.get_detail(task_id)
-    return _json(envelope.ok(views.task_view(task, datetime.now(UTC), _detail_view(detail))))
+    return respond(envelope.ok(views.task_view(task, datetime.now(UTC), _detail_view(detail))))
 
 
 def _detail_view(detail: Any) -> dict[str, Any]:
@@ -184,7 +165,7 @@ async def query_tasks(request: web.Request) -> web.Response:
         page_size=params.page_size,
     )
     now = datetime.now(UTC)
-    return _json(envelope.ok({"total": total, "items": [views.task_view(t, now) for t in items]}))
+    return respond(envelope.ok({"total": total, "items": [views.task_view(t, now) for t in items]}))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -197,10 +178,10 @@ async def health(request: web.Request) -> web.Response:
         checks["database"] = f"error: {type(exc).__name__}"
     healthy = checks["nats"] == "connected" and checks["database"] == "ok"
     if healthy:
-        return _json(envelope.ok({"status": "ok", **checks}))
+        return respond(envelope.ok({"status": "ok", **checks}))
     body = envelope.failure(503, 50300, "unhealthy")
     body["data"] = {"status": "unhealthy", **checks}
-    return _json(body)
+    return respond(body)
 
 
 async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -43,6 +43,7 @@ from dcu.settings import Settings
 from events import subjects
 from events.schema import DecodeError, Event, EventType
 from gateway import envelope, views
+from gateway.http import respond
 from gateway.keys import API, JETSTREAM, NATS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -171,12 +172,6 @@ STREAMS = web.AppKey("event_streams", _OpenStreams)
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def _json(body: dict[str, Any]) -> web.Response:
-    return web.json_response(
-        body, status=body["status"], dumps=lambda obj: json.dumps(obj, ensure_ascii=False)
-    )
 
 
 def parse_flag(params: Mapping[str, str], name: str, default: bool) -> bool:
@@ -421,7 +416,7 @@ async def task_history(request: web.Request) -> web.Response:
     if not found:
         raise NotFound(f"no events for task {task_id}")
     data = {"task_id": task_id, "total": len(items), "truncated": truncated, "events": items}
-    return _json(envelope.ok(data))
+    return respond(envelope.ok(data))
 
 
 async def task_stream(request: web.Request) -> web.StreamResponse:
