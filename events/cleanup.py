@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,7 +35,15 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from croniter import CroniterError, croniter
 
-from events.schema import SCHEMA_VERSION, DecodeError, format_time, parse_time, utcnow
+from events.schema import (
+    SCHEMA_VERSION,
+    DecodeError,
+    decode_json,
+    encode_json,
+    format_time,
+    parse_time,
+    utcnow,
+)
 
 
 class CleanupKind(enum.StrEnum):
@@ -223,7 +230,7 @@ class CleanupEvent:
         }
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        return encode_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, raw: bytes = b"") -> CleanupEvent:
@@ -247,11 +254,7 @@ class CleanupEvent:
 
     @classmethod
     def decode(cls, raw: bytes) -> CleanupEvent:
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DecodeError(f"cleanup event is not JSON: {exc}", raw) from exc
-        return cls.from_dict(data, raw)
+        return cls.from_dict(decode_json(raw, "cleanup event"), raw)
 
 
 def scheduled_request(

@@ -187,6 +187,19 @@ def once_per_task_id(task_id: str, event_type: EventType) -> str:
     return str(uuid.uuid5(_EVENT_NAMESPACE, f"{task_id}:{event_type}"))
 
 
+def encode_json(data: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, the wire form of every DCU event."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_json(raw: bytes, what: str) -> Any:
+    """Parse ``raw``; raises DecodeError (keeping the bytes) when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecodeError(f"{what} is not JSON: {exc}", raw) from exc
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -224,7 +237,7 @@ class Event:
         }
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        return encode_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, raw: bytes = b"") -> Event:
@@ -248,8 +261,4 @@ class Event:
 
     @classmethod
     def decode(cls, raw: bytes) -> Event:
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DecodeError(f"event is not JSON: {exc}", raw) from exc
-        return cls.from_dict(data, raw)
+        return cls.from_dict(decode_json(raw, "event"), raw)
