@@ -481,6 +481,9 @@ def test_enqueue_during_an_outage_is_stored_once_the_server_is_back(
     js_env.worker(broker)
     actor.send("warm-up")
     done.wait_for(1)
+    # The ack follows the actor's return; stopping the server before it lands would make
+    # the warm-up a legitimate redelivery (at-least-once), which is not what this tests.
+    broker.join(queue, timeout=10_000)
 
     js_env.server.stop()
     sending = threading.Thread(target=actor.send, args=("during",))
