@@ -194,3 +194,28 @@ def consumer_waiting(url: str, stream: str, durable: str) -> int:
 def transitions_of_db(db: Path, task_id: str) -> list[tuple[str | None, str | None]]:
     """``transitions`` without the applied flag (every row returned is applied)."""
     return [(a, b) for a, b, _ in transitions(db, task_id)]
+
+
+def service_transitions(service: Any, task_id: str) -> list[tuple[str | None, str | None, bool]]:
+    """``transitions`` from whichever database the service uses (SQLite or PostgreSQL)."""
+    url = service.config.get("database", {}).get("url")
+    if not url:
+        return transitions(service.workdir / "data" / "dcu.db", task_id)
+
+    async def main() -> list[tuple[str | None, str | None, bool]]:
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch(
+                "select from_state, to_state, applied from dcu_task_transitions "
+                "where task_id = $1 and applied "
+                "and (from_state is null or from_state != to_state) "
+                "order by stream_seq, id",
+                task_id,
+            )
+        finally:
+            await conn.close()
+        return [(r[0], r[1], bool(r[2])) for r in rows]
+
+    return asyncio.run(main())

@@ -6,10 +6,12 @@ Every archive is proven by loading it into the real engine and comparing image I
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import service_config
 from tests.e2e.helpers import (
     STATUS_FIELDS,
     TIME_RE,
@@ -17,13 +19,37 @@ from tests.e2e.helpers import (
     fetch_object,
     load_and_get_id,
     parse_time,
+    service_transitions,
     sha256_of,
     tar_members,
-    transitions,
 )
 from tests.servers.dcu_process import DcuProcess
+from tests.servers.postgres import create_database, drop_database
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def dcu_service(request, nats_server, docker_engine, s3_server, tmp_path_factory, postgres_dsn):
+    """``dcu serve`` on SQLite (the default) and on a fresh PostgreSQL database."""
+    database = create_database() if request.param == "postgres" else None
+    config = service_config(
+        nats=nats_server,
+        engine=docker_engine,
+        s3=s3_server,
+        tag=uuid.uuid4().hex[:8],
+        database={"url": database} if database else {},
+    )
+    service = DcuProcess(
+        tmp_path_factory.mktemp(f"serve-{request.param}"), config, ["serve"], name="serve"
+    ).start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        if database:
+            drop_database(database)
+
 
 STAGE_EVENTS = [
     "requested",
@@ -116,7 +142,7 @@ def test_image_round_trip(
     )
 
     # And the transition log holds every transition once, in order
-    assert transitions(dcu_service.workdir / "data" / "dcu.db", task_id) == HAPPY_TRANSITIONS
+    assert service_transitions(dcu_service, task_id) == HAPPY_TRANSITIONS
 
 
 def test_missing_image_fails_with_the_engines_reason(dcu_service: DcuProcess, registry) -> None:
@@ -133,7 +159,7 @@ def test_missing_image_fails_with_the_engines_reason(dcu_service: DcuProcess, re
     assert "download failed" in message
     assert "does-not-exist" in message
     assert "not found" in message or "manifest unknown" in message
-    log = transitions(dcu_service.workdir / "data" / "dcu.db", task_id)
+    log = service_transitions(dcu_service, task_id)
     assert log == [
         (None, "idle", True),
         ("idle", "downloading", True),
