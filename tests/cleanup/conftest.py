@@ -26,28 +26,45 @@ from tests.servers.s3 import S3Server
 class FakeClock:
     """Wall clock for the timer: ``sleep`` moves it forward instead of waiting.
 
-    A sleep that would carry the clock past ``horizon`` never returns (the timer's stop
-    event ends it); ``parked`` counts such sleeps, i.e. loops that are done for the test.
-    ``overshoot`` adds seconds to every sleep, as a suspended host would.
+    The timer runs one schedule loop per cleanup kind (``loops`` of them) on this clock.
+    Time only moves when every live loop is asleep, and then to the earliest wake-up, so
+    one loop can never race the clock past another loop's tick while that one is busy
+    publishing (a discrete-event clock). A sleep that would carry the clock past
+    ``horizon`` never returns (the timer's stop event ends it); ``parked`` counts such
+    sleeps, i.e. loops that are done for the test. ``overshoot`` adds seconds to every
+    sleep, as a suspended host would.
     """
 
     now: datetime
     horizon: datetime
     overshoot: float = 0.0
+    loops: int = 2
     parked: int = 0
     sleeps: list[float] = field(default_factory=list)
+    _pending: list[tuple[datetime, int, asyncio.Future[None]]] = field(default_factory=list)
 
     def __call__(self) -> datetime:
         return self.now
+
+    def _advance(self) -> None:
+        self._pending = [item for item in self._pending if not item[2].done()]
+        if self._pending and len(self._pending) >= self.loops - self.parked:
+            self._pending.sort(key=lambda item: (item[0], item[1]))
+            target, _, waiter = self._pending.pop(0)
+            self.now = max(self.now, target)
+            waiter.set_result(None)
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         target = self.now + timedelta(seconds=seconds + self.overshoot)
         if target > self.horizon:
             self.parked += 1
+            self._advance()
             await asyncio.Event().wait()  # cancelled by the timer when it stops
-        await asyncio.sleep(0)
-        self.now = max(self.now, target)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((target, len(self.sleeps), waiter))
+        self._advance()
+        await waiter
 
 
 @dataclass
