@@ -63,6 +63,11 @@ class ObjectStore(Protocol):
 
     async def stat(self, name: str) -> ObjectInfo | None: ...
 
+    async def abort_incomplete(self, name: str) -> int:
+        """Drop what an upload of ``name`` that died half-way left behind (never a
+        complete object); returns how many leftovers were removed."""
+        ...
+
     async def list(self, prefix: str) -> list[ObjectInfo]: ...
 
     async def remove(self, name: str) -> None: ...
@@ -192,6 +197,23 @@ class S3ObjectStore:
             )
         return info
 
+    async def abort_incomplete(self, name: str) -> int:
+        # A multipart upload whose worker died is not an object, but its parts hold
+        # storage until aborted. miniopy-async exposes the two S3 calls (ListMultipart-
+        # Uploads, AbortMultipartUpload) only as private methods.
+        await self.ensure_bucket()
+        bucket = self._settings.bucket
+        aborted = 0
+        try:
+            result = await self.client._list_multipart_uploads(bucket, prefix=name)
+            for upload in result.uploads:
+                if upload.object_name == name and upload.upload_id:
+                    await self.client._abort_multipart_upload(bucket, name, upload.upload_id)
+                    aborted += 1
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(f"aborting unfinished uploads of {name}", exc) from exc
+        return aborted
+
     async def stat(self, name: str) -> ObjectInfo | None:
         try:
             obj = await self.client.stat_object(self._settings.bucket, name)
@@ -309,6 +331,15 @@ class LocalObjectStore:
         if info is None or info.size != expected:
             raise StorageError(f"{self.location}: {name} stored with the wrong size")
         return info
+
+    async def abort_incomplete(self, name: str) -> int:
+        target = self._path(name)
+        removed = 0
+        for part in target.parent.glob(f"{target.name}*.part") if target.parent.exists() else []:
+            if part.is_file() and not part.is_symlink():
+                part.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     async def stat(self, name: str) -> ObjectInfo | None:
         target = self._path(name)

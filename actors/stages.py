@@ -221,6 +221,9 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
         "dcu-sha256": event.payload.sha256,
         "dcu-image": str(ref),
     }
+    aborted = await ctx.store.abort_incomplete(name)
+    if aborted:
+        log.info("task %s: aborted %d unfinished upload(s) of an earlier attempt", task_id, aborted)
     async with ctx.reporter(task_id, Stage.UPLOAD) as progress:
         stored = await ctx.store.put_file(name, archive, metadata, progress.update)
     log.info(

@@ -219,3 +219,19 @@ def service_transitions(service: Any, task_id: str) -> list[tuple[str | None, st
         return [(r[0], r[1], bool(r[2])) for r in rows]
 
     return asyncio.run(main())
+
+
+def incomplete_uploads(s3: S3Server, bucket: str) -> list[str]:
+    """Keys with a multipart upload started and never completed or aborted."""
+
+    async def main() -> list[str]:
+        client = Minio(
+            s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=False
+        )
+        try:
+            result = await client._list_multipart_uploads(bucket)
+            return [upload.object_name for upload in result.uploads]
+        finally:
+            await client.close_session()
+
+    return asyncio.run(main())

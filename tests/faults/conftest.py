@@ -102,6 +102,21 @@ def wait_for_event(recorder: EventRecorder, task_id: str, kind: str, timeout: fl
     raise AssertionError(f"no {kind} event for task {task_id} within {timeout}s")
 
 
+def wait_for_progress(
+    recorder: EventRecorder, task_id: str, stage: str, timeout: float = 60
+) -> None:
+    """Until the stage reports some bytes done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in recorder.for_task(task_id):
+            payload = event.get("payload", {})
+            if event.get("type") == "progress" and payload.get("stage") == stage:
+                if payload.get("bytes_done", 0) > 0:
+                    return
+        time.sleep(0.01)
+    raise AssertionError(f"no {stage} progress for task {task_id} within {timeout}s")
+
+
 def in_background(fn: Callable[[], None]) -> threading.Thread:
     thread = threading.Thread(target=fn, daemon=True)
     thread.start()

@@ -16,8 +16,13 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.e2e.helpers import fetch_object, load_and_get_id, transitions_of_db
-from tests.faults.conftest import Cluster, wait_for_event
+from tests.e2e.helpers import (
+    fetch_object,
+    incomplete_uploads,
+    load_and_get_id,
+    transitions_of_db,
+)
+from tests.faults.conftest import Cluster, wait_for_event, wait_for_progress
 from tests.servers.nats import NatsServer
 from tests.servers.s3 import S3Server
 
@@ -57,6 +62,8 @@ def test_worker_killed_mid_stage_is_redelivered(
         task_id = cluster.run_task(image.reference)
         # When the stage's worker is SIGKILLed as soon as the stage has started
         started = wait_for_event(recorder, task_id, f"{stage}_started")
+        if stage == "upload":  # let some parts land, so the kill leaves a multipart upload
+            wait_for_progress(recorder, task_id, "upload")
         cluster.processes[stage].kill()
         killed_worker = started["payload"]["worker"]
         completion = {"download": "downloaded", "compress": "compressed", "upload": "uploaded"}
@@ -80,6 +87,7 @@ def test_worker_killed_mid_stage_is_redelivered(
     assert_archive_loads(cluster, data, image, docker_engine, s3_server, tmp_path)
     assert leftovers(cluster.workdir / "data") == []
     assert not (cluster.workdir / "data" / "work" / task_id).exists()
+    assert incomplete_uploads(s3_server, cluster.config["minio"]["bucket"]) == []
 
 
 def test_nats_restart_loses_no_event(cluster_factory, pushed_images, tmp_path) -> None:
