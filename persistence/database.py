@@ -19,7 +19,9 @@ Errors: everything here and in the repository raises ``DatabaseError`` (an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -105,10 +107,30 @@ def dialect_of(url: str) -> str:
     raise ValueError(f"unsupported database URL scheme {scheme!r} (sqlite:// or postgres://)")
 
 
-def _prepare_sqlite(url: str) -> None:
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database."""
     path = str(expand_db_url(url)["credentials"]["file_path"])
-    if path and path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser()
+
+
+def _prepare_sqlite(url: str) -> None:
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: Path) -> AsyncIterator[None]:
+    """An exclusive ``flock`` on ``path`` between processes of this host (SQLite lives on
+    one host); waiting happens in a thread so the event loop keeps running."""
+    with path.open("a") as handle:
+        await asyncio.to_thread(fcntl.flock, handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class Database:
@@ -206,7 +228,14 @@ class Database:
     @contextlib.asynccontextmanager
     async def _migration_lock(self) -> AsyncIterator[None]:
         if self.dialect != "postgres":
-            yield
+            # Two processes migrating one SQLite file at once could wedge each other in
+            # SQLite's locking (seen as a hang): they take turns on a lock file instead.
+            database_file = _sqlite_file(self.url)
+            if database_file is None:
+                yield
+                return
+            async with _file_lock(database_file.with_name(database_file.name + ".migrate.lock")):
+                yield
             return
         async with self.client.acquire_connection() as connection:
             await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
