@@ -185,9 +185,8 @@ class FailTaskWhenGivenUp(Middleware):
         except Exception as exc:
             # The stuck-task detector (persistence) ends such a task later.
             log.error("task %s: could not publish its failure: %s", task_id, exc)
-        if stage == Stage.DOWNLOAD or stage == Stage.COMPRESS:
-            ctx_settings = self.runtime.settings
-            stages.remove_partial_files_for(ctx_settings, task_id)
+        if stage in {Stage.DOWNLOAD, Stage.COMPRESS}:
+            stages.remove_partial_files_for(self.runtime.settings, task_id)
 
 
 def _task_id_of(message: MessageProxy) -> str | None:

@@ -318,6 +318,13 @@ async def _unsubscribe(subscription: Subscription) -> None:
         await subscription.unsubscribe()
 
 
+async def _close_live(app: web.Application, feed: LiveFeed, subscription: Subscription) -> None:
+    """Undo what opening a live stream did: unregister, drop the feed, unsubscribe."""
+    app[STREAMS].feeds.discard(feed)
+    feed.discard()
+    await _unsubscribe(subscription)
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -491,9 +498,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         reason = "cancelled"
         raise
     finally:
-        app[STREAMS].feeds.discard(feed)
-        feed.discard()
-        await _unsubscribe(subscription)
+        await _close_live(app, feed, subscription)
         log.info("task %s: event stream closed after %d events: %s", task_id, writer.sent, reason)
 
 
@@ -521,9 +526,7 @@ async def all_tasks_stream(request: web.Request) -> web.StreamResponse:
         reason = "cancelled"
         raise
     finally:
-        app[STREAMS].feeds.discard(feed)
-        feed.discard()
-        await _unsubscribe(subscription)
+        await _close_live(app, feed, subscription)
         log.info("event stream for %s closed after %d events: %s", subject, writer.sent, reason)
 
 

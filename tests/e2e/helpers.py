@@ -22,6 +22,24 @@ from tests.servers.docker_engine import DockerEngine
 from tests.servers.s3 import S3Server
 
 TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+STAGE_EVENTS = [
+    "requested",
+    "download_started",
+    "downloaded",
+    "compress_started",
+    "compressed",
+    "upload_started",
+    "uploaded",
+]
+"""The non-progress events of a task that completes, in stream order."""
+HAPPY_PATH = [
+    (None, "idle"),
+    ("idle", "downloading"),
+    ("downloading", "compressing"),
+    ("compressing", "uploading"),
+    ("uploading", "completed"),
+]
+"""The transition log of a task that completes: (from_state, to_state)."""
 STATUS_FIELDS = {
     "task_id",
     "state",

@@ -25,6 +25,7 @@ from events.schema import DownloadStarted, Event, Failed, Progress
 from gateway import events_api
 from gateway.keys import API, JETSTREAM, NATS, SETTINGS
 from tests.e2e.conftest import service_config
+from tests.e2e.helpers import STAGE_EVENTS
 from tests.servers.base import free_port
 from tests.servers.dcu_process import DcuProcess
 from tests.servers.docker_engine import DockerEngine
@@ -35,15 +36,6 @@ from tests.servers.s3 import S3Server
 
 pytestmark = pytest.mark.e2e
 
-STAGE_EVENTS = [
-    "requested",
-    "download_started",
-    "downloaded",
-    "compress_started",
-    "compressed",
-    "upload_started",
-    "uploaded",
-]
 SSE_TIMEOUT = aiohttp.ClientTimeout(total=90, sock_read=30)
 
 

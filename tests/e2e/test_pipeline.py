@@ -13,6 +13,8 @@ import pytest
 
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import (
+    HAPPY_PATH,
+    STAGE_EVENTS,
     STATUS_FIELDS,
     TIME_RE,
     EventRecorder,
@@ -51,22 +53,7 @@ def dcu_service(request, nats_server, docker_engine, s3_server, tmp_path_factory
             drop_database(database)
 
 
-STAGE_EVENTS = [
-    "requested",
-    "download_started",
-    "downloaded",
-    "compress_started",
-    "compressed",
-    "upload_started",
-    "uploaded",
-]
-HAPPY_TRANSITIONS = [
-    (None, "idle", True),
-    ("idle", "downloading", True),
-    ("downloading", "compressing", True),
-    ("compressing", "uploading", True),
-    ("uploading", "completed", True),
-]
+HAPPY_TRANSITIONS = [(before, after, True) for before, after in HAPPY_PATH]
 
 
 def _reference(pushed_images, which: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import nats
 import pytest
 
 from tests.e2e.helpers import (
+    HAPPY_PATH,
     fetch_object,
     incomplete_uploads,
     load_and_get_id,
@@ -28,13 +29,7 @@ from tests.servers.s3 import S3Server
 
 pytestmark = pytest.mark.e2e
 
-HAPPY = [
-    (None, "idle"),
-    ("idle", "downloading"),
-    ("downloading", "compressing"),
-    ("compressing", "uploading"),
-    ("uploading", "completed"),
-]
+HAPPY = HAPPY_PATH
 
 
 def assert_archive_loads(
