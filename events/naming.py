@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 ARCHIVE_SUFFIX = ".tar.gz"
+PLAN_FILE = "plan.json"  # the registry engine's download plan, in the task's work dir
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _STEM_MAX = 150  # leaves room for the suffix and a hash within a 255-byte file name
 
@@ -75,3 +76,12 @@ def inside(root: Path, candidate: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def reuse_pointer_name(prefix: str, key: str) -> str:
+    """``dcu/reuse/<key>.json``: the pointer from an archive's content key (64 hex, see
+    ``actors.registry_engine.reuse_key``) to the object that holds that archive."""
+    if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        raise UnsafeName(f"reuse key {key[:80]!r} is not 64 hex digits")
+    clean_prefix = "/".join(p for p in prefix.split("/") if p and p not in {".", ".."})
+    return "/".join([*([clean_prefix] if clean_prefix else []), "reuse", f"{key}.json"])

@@ -86,6 +86,8 @@ class Requested(Payload):
     type: ClassVar[EventType] = EventType.REQUESTED
     username: str
     docker_image_name: str
+    # ``os/arch[/variant]`` as the caller asked (normalised); None: ``download.platform``.
+    platform: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,16 +116,31 @@ class UploadStarted(StageStarted):
 
 @dataclass(frozen=True, slots=True)
 class Downloaded(Payload):
+    """``layout`` says what ``tar_path`` is: ``tar`` an image tar (docker engine),
+    ``blobs`` the verified-blob plan of the registry engine (``actors.blob_plan``)."""
+
     type: ClassVar[EventType] = EventType.DOWNLOADED
     docker_image_name: str
     image_id: str
     tar_path: str
     bytes: int
     seconds: float = 0.0
+    engine: str = "docker"
+    layout: str = "tar"
+    manifest_digest: str | None = None
+    platform: str | None = None
+    fetched_bytes: int | None = None  # blob bytes transferred from the registry
+    cached_bytes: int | None = None  # blob bytes served by the blob cache
+    # An object already holding this exact archive (digest reuse): the later stages copy
+    # it instead of compressing and uploading again.
+    reused_object: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Compressed(Payload):
+    """``method``: ``gzip`` (the whole tar compressed), ``splice`` (layer blobs copied
+    verbatim, only headers compressed), ``reuse`` (nothing written: see Downloaded)."""
+
     type: ClassVar[EventType] = EventType.COMPRESSED
     docker_image_name: str
     image_id: str
@@ -132,6 +149,11 @@ class Compressed(Payload):
     bytes_out: int
     sha256: str
     seconds: float = 0.0
+    method: str = "gzip"
+    spliced_bytes: int | None = None  # archive bytes copied verbatim from layer blobs
+    reused_object: str | None = None
+    manifest_digest: str | None = None
+    platform: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +165,9 @@ class Uploaded(Payload):
     sha256: str
     image_id: str = ""
     seconds: float = 0.0
+    manifest_digest: str | None = None
+    platform: str | None = None
+    reused_from: str | None = None  # the object copied server-side (digest reuse)
 
 
 @dataclass(frozen=True, slots=True)

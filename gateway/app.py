@@ -18,6 +18,7 @@ from aiohttp import web
 from dcu import bus
 from dcu.errors import DcuError, InvalidInput, NotFound, TooManyRequests, Unauthorized
 from dcu.settings import Settings
+from events.platform import InvalidPlatform, parse_platform
 from events.reference import InvalidReference, parse_reference, registry_refusal
 from events.schema import Event, Requested
 from events.states import TaskState
@@ -68,8 +69,10 @@ async def start_task(request: web.Request) -> web.Response:
     """Validate the request and publish ``requested``.
 
     With a token the task's username is the token's name (a ``username`` in the body is
-    still validated, then ignored). Raises InvalidInput for a bad body, a bad reference or
-    a registry outside ``docker.allowed_registries``, TooManyRequests when the user is at
+    still validated, then ignored). An optional ``platform`` (``linux/arm64``) goes into the
+    event normalised; absent, the download stage uses ``download.platform``. Raises
+    InvalidInput for a bad body, a bad reference or platform, or a registry outside
+    ``docker.allowed_registries``, TooManyRequests when the user is at
     ``server.max_active_tasks_per_user``, BusError when NATS does not take the event.
     """
     data = await read_object(request)
@@ -91,9 +94,15 @@ async def start_task(request: web.Request) -> web.Response:
     refusal = registry_refusal(ref, settings.docker.allowed_registries)
     if refusal is not None:
         raise InvalidInput(refusal)
+    platform = None
+    if "platform" in data:
+        try:
+            platform = str(parse_platform(data["platform"]))
+        except InvalidPlatform as exc:
+            raise InvalidInput(str(exc)) from None
     event = Event(
         task_id=str(uuid.uuid4()),
-        payload=Requested(username=username, docker_image_name=ref.original),
+        payload=Requested(username=username, docker_image_name=ref.original, platform=platform),
     )
     limit = settings.server.max_active_tasks_per_user
     if limit:
@@ -110,7 +119,13 @@ async def start_task(request: web.Request) -> web.Response:
             await _publish_requested(request, event)
     else:
         await _publish_requested(request, event)
-    log.info("task %s: requested %s by %s", event.task_id, ref, username)
+    log.info(
+        "task %s: requested %s for %s by %s",
+        event.task_id,
+        ref,
+        platform or "the default platform",
+        username,
+    )
     return respond(
         envelope.ok({"task_id": event.task_id, "state": TaskState.IDLE.value}, envelope.STARTED)
     )
@@ -134,7 +149,7 @@ async def task_status(request: web.Request) -> web.Response:
     return respond(envelope.ok(views.task_view(task, datetime.now(UTC), _detail_view(detail))))
 
 
-def _detail_view(detail: Any) -> dict[str, Any]:
+def _detail_view(detail: repository.TaskDetailRecord | None) -> dict[str, Any]:
     if detail is None:
         return {}
     total = detail.stage_bytes_total
@@ -151,6 +166,12 @@ def _detail_view(detail: Any) -> dict[str, Any]:
         "stage_bytes_done": done,
         "stage_bytes_total": total,
         "stage_rate": detail.stage_rate,
+        "platform": detail.platform,
+        "manifest_digest": detail.manifest_digest,
+        "engine": detail.engine,
+        "reused": detail.reused,
+        "download_bytes_fetched": detail.fetched_bytes,
+        "download_bytes_cached": detail.cached_bytes,
     }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from dcu.settings import AuthSettings
+from events.platform import DEFAULT_PLATFORM, PLATFORM_MAX, PLATFORM_PATTERN
 from events.schema import EventType
 from events.states import PROGRESS, TaskState
 from gateway import views
@@ -40,6 +41,7 @@ Schema = dict[str, Any]
 _REF = "#/components"
 _PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _TIME = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$"
+# What events.platform.parse_platform takes: os/architecture[/variant], any letter case.
 
 
 def _ref(kind: str, name: str) -> Schema:
@@ -99,6 +101,16 @@ def _schemas(auth: AuthSettings) -> dict[str, Schema]:
                     "the engine or a path; anything else is a 400.",
                     "example": "nginx:latest",
                 },
+                "platform": {
+                    "type": "string",
+                    "maxLength": PLATFORM_MAX,
+                    "pattern": PLATFORM_PATTERN,
+                    "description": "The platform to take from a multi-platform image, "
+                    "`os/architecture[/variant]`; normalised as containerd does (`x86_64` is "
+                    "`amd64`, `aarch64` is `arm64`, `arm` is `arm/v7`). Absent: the "
+                    f"service's `download.platform` (`{DEFAULT_PLATFORM}` by default).",
+                    "example": "linux/arm64",
+                },
             },
             "additionalProperties": True,
             "description": "Unknown fields are ignored.",
@@ -149,6 +161,28 @@ def _schemas(auth: AuthSettings) -> dict[str, Schema]:
                 "stage_bytes_done": _nullable({"type": "integer", "minimum": 0}),
                 "stage_bytes_total": _nullable({"type": "integer", "minimum": 0}),
                 "stage_rate": _nullable({"type": "number", "minimum": 0}),
+                "platform": _nullable(
+                    {
+                        "type": "string",
+                        "maxLength": PLATFORM_MAX,
+                        "description": "Normalised: the one requested, then the one packaged.",
+                    }
+                ),
+                "manifest_digest": _nullable({"type": "string"}),
+                "engine": _nullable({"type": "string", "example": "registry"}),
+                "reused": _nullable(
+                    {
+                        "type": "boolean",
+                        "description": "Whether an existing archive of the same manifest "
+                        "was copied instead of built; null until the download stage ends.",
+                    }
+                ),
+                "download_bytes_fetched": _nullable(
+                    {"type": "integer", "minimum": 0, "description": "from the registry"}
+                ),
+                "download_bytes_cached": _nullable(
+                    {"type": "integer", "minimum": 0, "description": "from the blob cache"}
+                ),
             },
         },
         "TaskPage": {

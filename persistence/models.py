@@ -4,7 +4,7 @@
 * ``dcu_task_transitions`` is the transition log: one row per task event judged (applied
   or refused), keyed by the event id so a redelivered event is recognised.
 * ``dcu_task_details`` holds facts the seed's table has no column for (image id, sizes,
-  checksum, bucket, live progress), one row per task.
+  checksum, bucket, live progress, platform, manifest digest, reuse), one row per task.
 
 Nothing outside ``persistence`` sees these classes: the repository translates rows into
 the frozen records of ``persistence.repository``. Every datetime is timezone-aware UTC.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from tortoise import fields
 from tortoise.models import Model
+
+from events.platform import PLATFORM_MAX
 
 APP_LABEL = "dcu"
 
@@ -78,6 +80,14 @@ class TaskDetail(Model):
     stage_bytes_total = fields.BigIntField(null=True)
     stage_rate = fields.FloatField(null=True)  # bytes per second
     progress_time = fields.DatetimeField(null=True)
+    # From the registry engine (0002): the platform asked for, then the one packaged.
+    platform = fields.CharField(max_length=PLATFORM_MAX, null=True)
+    manifest_digest = fields.CharField(max_length=100, null=True)
+    engine = fields.CharField(max_length=20, null=True)
+    # null until the download stage says whether an existing archive was reused.
+    reused = fields.BooleanField(null=True)
+    fetched_bytes = fields.BigIntField(null=True)
+    cached_bytes = fields.BigIntField(null=True)
 
     class Meta:
         table = "dcu_task_details"

@@ -33,6 +33,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from dcu.errors import InvalidInput, NotFound
+from events.platform import PLATFORM_MAX
 from events.schema import (
     Compressed,
     Downloaded,
@@ -54,6 +55,7 @@ T = TypeVar("T")
 ERROR_MESSAGE_MAX = 2000
 TRUNCATION_MARK = " …[truncated]"
 DURATION_MAX_MS = 2**31 - 1  # INTEGER column
+MANIFEST_DIGEST_MAX = 100
 BIGINT_MAX = 2**63 - 1
 SQLITE_TAKE_WRITE_LOCK = 'UPDATE "dcu_tasks" SET "id" = "id" WHERE 1 = 0'
 # How often a write that lost a race (unique constraint) is judged again.
@@ -118,7 +120,13 @@ class TransitionRecord:
 
 @dataclass(frozen=True, slots=True)
 class TaskDetailRecord:
-    """Facts about a task beyond the seed's columns; ``stage_rate`` in bytes per second."""
+    """Facts about a task beyond the seed's columns; ``stage_rate`` in bytes per second.
+
+    ``platform`` is the one requested until the download stage names the one it packaged;
+    ``reused`` is None until the download stage says whether an existing archive was
+    copied (digest reuse); ``fetched_bytes`` came from the registry, ``cached_bytes`` from
+    the blob cache (registry engine only).
+    """
 
     task_id: str
     image_id: str | None
@@ -131,6 +139,12 @@ class TaskDetailRecord:
     stage_bytes_total: int | None
     stage_rate: float | None
     progress_time: datetime | None
+    platform: str | None
+    manifest_digest: str | None
+    engine: str | None
+    reused: bool | None
+    fetched_bytes: int | None
+    cached_bytes: int | None
 
 
 def utc(moment: datetime) -> datetime:
@@ -227,6 +241,12 @@ def _detail_record(row: TaskDetail) -> TaskDetailRecord:
         stage_bytes_total=row.stage_bytes_total,
         stage_rate=row.stage_rate,
         progress_time=None if row.progress_time is None else utc(row.progress_time),
+        platform=row.platform,
+        manifest_digest=row.manifest_digest,
+        engine=row.engine,
+        reused=None if row.reused is None else bool(row.reused),
+        fetched_bytes=row.fetched_bytes,
+        cached_bytes=row.cached_bytes,
     )
 
 
@@ -238,14 +258,37 @@ class _Effects:
     detail: dict[str, Any]
 
 
+def _image_facts(platform: Any, manifest_digest: Any = None) -> dict[str, Any]:
+    """The platform and manifest digest an event names; one it leaves out (None) is not
+    returned, so the value recorded earlier stays. Raises _Invalid as ``_text`` does."""
+    facts: dict[str, Any] = {}
+    if platform is not None:
+        facts["platform"] = _text(platform, "platform", PLATFORM_MAX)
+    if manifest_digest is not None:
+        facts["manifest_digest"] = _text(manifest_digest, "manifest_digest", MANIFEST_DIGEST_MAX)
+    return facts
+
+
 def _effects(event: Event, start_time: datetime) -> _Effects:
-    """The field effects of ``event``; raises _Invalid when a value cannot be stored."""
+    """The field effects of ``event``; raises _Invalid when a value cannot be stored.
+
+    ``Requested`` is not handled here: ``TaskRepository._create_task`` creates the task.
+    """
     payload = event.payload
     task: dict[str, Any] = {}
     detail: dict[str, Any] = {}
     if isinstance(payload, Downloaded):
         detail["image_id"] = _text(payload.image_id, "image_id", 200)
         detail["tar_bytes"] = _count(payload.bytes, "bytes")
+        detail["engine"] = _text(payload.engine, "engine", 20)
+        detail.update(_image_facts(payload.platform, payload.manifest_digest))
+        if payload.fetched_bytes is not None:
+            detail["fetched_bytes"] = _count(payload.fetched_bytes, "fetched_bytes")
+        if payload.cached_bytes is not None:
+            detail["cached_bytes"] = _count(payload.cached_bytes, "cached_bytes")
+        if payload.reused_object is not None:
+            _text(payload.reused_object, "reused_object", 500)
+        detail["reused"] = payload.reused_object is not None
     elif isinstance(payload, Compressed):
         task["gzip_file_name"] = _text(payload.gzip_file_name, "gzip_file_name", 500)
         detail["image_id"] = _text(payload.image_id, "image_id", 200)
@@ -254,6 +297,10 @@ def _effects(event: Event, start_time: datetime) -> _Effects:
     elif isinstance(payload, Uploaded):
         task["minio_object_name"] = _text(payload.minio_object_name, "minio_object_name", 500)
         detail["bucket"] = _text(payload.bucket, "bucket", 100)
+        detail.update(_image_facts(payload.platform, payload.manifest_digest))
+        if payload.reused_from is not None:
+            _text(payload.reused_from, "reused_from", 500)
+            detail["reused"] = True
     elif isinstance(payload, Failed):
         task["error_message"] = truncate_message(_text(payload.reason, "reason"))
     target = event.type.target_state
@@ -405,6 +452,7 @@ class TaskRepository:
             raise _Invalid("task or event id longer than 100 characters")
         username = _text(payload.username, "username", 100)
         image = _text(payload.docker_image_name, "docker_image_name", 500)
+        facts = _image_facts(payload.platform)
         moment = utc(event.time)
         row = await DcuTask.create(
             using_db=connection,
@@ -416,6 +464,7 @@ class TaskRepository:
             created_at=moment,
             updated_at=moment,
         )
+        await self._update_details(connection, event.task_id, facts)
         await self._log(connection, event, stream_seq, None, TaskState.IDLE, None)
         log.info("task %s: created (%s for %s)", event.task_id, image, username)
         return row

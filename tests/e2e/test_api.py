@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from tests.servers.dcu_process import DcuProcess
+from tests.servers.registry import Registry
 
 pytestmark = pytest.mark.e2e
 
@@ -67,6 +68,50 @@ def assert_envelope(status: int, body: dict, expected_status: int, fragment: str
         ),
         pytest.param(
             b'{"username": "u", "docker_image_name": "Nginx"}', 400, "lowercase", id="uppercase"
+        ),
+        pytest.param(
+            b'{"username": "u", "docker_image_name": "nginx", "platform": "linux"}',
+            400,
+            "is not os/architecture[/variant]",
+            id="platform-without-architecture",
+        ),
+        pytest.param(
+            b'{"username": "u", "docker_image_name": "nginx", "platform": "a/b/c/d"}',
+            400,
+            "is not os/architecture[/variant]",
+            id="platform-four-parts",
+        ),
+        pytest.param(
+            b'{"username": "u", "docker_image_name": "nginx", "platform": "linux/amd 64"}',
+            400,
+            "is not os/architecture[/variant]",
+            id="platform-space",
+        ),
+        pytest.param(
+            b'{"username": "u", "docker_image_name": "nginx", "platform": ""}',
+            400,
+            "platform must be 1-64 characters",
+            id="platform-empty",
+        ),
+        pytest.param(
+            json.dumps(
+                {"username": "u", "docker_image_name": "nginx", "platform": "linux/" + "a" * 80}
+            ).encode(),
+            400,
+            "platform must be 1-64 characters",
+            id="platform-too-long",
+        ),
+        pytest.param(
+            b'{"username": "u", "docker_image_name": "nginx", "platform": ["linux", "amd64"]}',
+            400,
+            "platform must be a string",
+            id="platform-list",
+        ),
+        pytest.param(
+            b'{"username": "u", "docker_image_name": "nginx", "platform": null}',
+            400,
+            "platform must be a string",
+            id="platform-null",
         ),
         pytest.param(
             json.dumps({"username": "u", "docker_image_name": "a" * 70_000}).encode(),
@@ -130,6 +175,24 @@ def test_status_right_after_start_is_never_404(dcu_service: DcuProcess, registry
         status, body = dcu_service.get(f"/status/{body['data']['task_id']}")
         assert status == 200, body
         assert body["data"]["state"] in {"idle", "downloading", "failed"}
+
+
+def test_status_shows_the_requested_platform_normalised(
+    dcu_service: DcuProcess, registry: Registry
+) -> None:
+    # Given a start request naming a platform by an alias, in capitals
+    reference = f"{registry.address}/nothing-here:1"
+    status, body = dcu_service.post(
+        "/start", {"username": "u", "docker_image_name": reference, "platform": "LINUX/aarch64"}
+    )
+    assert status == 200, body
+
+    # When its status is read (the task may already have failed: nothing-here is absent)
+    status, body = dcu_service.get(f"/status/{body['data']['task_id']}")
+
+    # Then it shows the platform as the download stage will use it
+    assert status == 200, body
+    assert body["data"]["platform"] == "linux/arm64"
 
 
 def test_health(dcu_service: DcuProcess) -> None:

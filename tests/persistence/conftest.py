@@ -115,10 +115,12 @@ class Timeline:
         self.now += after
         return Event(task_id=self.task_id, payload=payload, time=self.now)
 
-    def requested(self, image: str = "nginx:latest", user: str = "test_user") -> Event:
+    def requested(
+        self, image: str = "nginx:latest", user: str = "test_user", platform: str | None = None
+    ) -> Event:
         return Event(
             task_id=self.task_id,
-            payload=Requested(username=user, docker_image_name=image),
+            payload=Requested(username=user, docker_image_name=image, platform=platform),
             time=self.now,
         )
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from tortoise.migrations.autodetector import MigrationAutodetector
+from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
 
+from events.schema import Downloaded
 from events.states import TaskState
 from persistence import database as database_module
 from persistence import repository
@@ -30,7 +32,7 @@ from persistence.repository import ApplyOutcome, TaskRepository
 from tests.persistence.conftest import Timeline, table_rows
 from tests.servers.postgres import dsn_for
 
-ALL_MIGRATIONS = ["0001_initial"]
+ALL_MIGRATIONS = ["0001_initial", "0002_registry_engine"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +48,9 @@ async def test_migrations_apply_once_and_then_do_nothing(
     try:
         assert await database.migrate() == []
         applied = await table_rows(database, "tortoise_migrations", "applied_at")
-        assert [(row["app"], row["name"]) for row in applied] == [(APP_LABEL, "0001_initial")]
+        assert [(row["app"], row["name"]) for row in applied] == [
+            (APP_LABEL, name) for name in ALL_MIGRATIONS
+        ]
     finally:
         await database.close()
         await database.close()  # closing twice is fine
@@ -78,8 +82,60 @@ async def test_two_processes_migrating_at_once_both_succeed(
 
     assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
     outputs = sorted([first.stdout.strip(), second.stdout.strip()])
-    assert outputs == ["", "0001_initial"]
+    assert outputs == ["", ",".join(ALL_MIGRATIONS)]
     assert await migrate(url) == []
+
+
+async def test_a_database_of_the_first_schema_is_upgraded_in_place(
+    database_urls: Callable[[], str],
+) -> None:
+    # Given a database migrated to 0001 only, holding a task with details
+    database = await Database.open(database_urls(), migrate=False)
+    try:
+        with database.activate():
+            executor = MigrationExecutor(database.client, tortoise_config(database.url)["apps"])
+            await executor.migrate([MigrationTarget(APP_LABEL, "0001_initial")])
+        tasks = TaskRepository(database)
+        timeline = Timeline()
+        await tasks.apply(timeline.requested(), 1)
+        with database.activate():
+            await database.client.execute_query(
+                'INSERT INTO "dcu_task_details" ("task_id", "image_id", "tar_bytes") '
+                + ("VALUES (?, ?, ?)" if database.dialect == "sqlite" else "VALUES ($1, $2, $3)"),
+                [timeline.task_id, "sha256:old", 5],
+            )
+
+        # When it is migrated
+        assert await database.migrate() == ALL_MIGRATIONS[1:]
+
+        # Then the old row is kept, the new facts unknown, and new events can record them
+        detail = await tasks.get_detail(timeline.task_id)
+        assert detail is not None
+        assert (detail.image_id, detail.tar_bytes) == ("sha256:old", 5)
+        assert (detail.platform, detail.manifest_digest, detail.engine, detail.reused) == (
+            None,
+            None,
+            None,
+            None,
+        )
+        assert (detail.fetched_bytes, detail.cached_bytes) == (None, None)
+        downloaded = Downloaded(
+            docker_image_name="nginx:latest",
+            image_id="sha256:new",
+            tar_path="/t",
+            bytes=7,
+            engine="registry",
+            platform="linux/arm64",
+            fetched_bytes=3,
+            cached_bytes=4,
+        )
+        assert await tasks.apply(timeline.event(downloaded), 2) is ApplyOutcome.APPLIED
+        detail = await tasks.get_detail(timeline.task_id)
+        assert detail is not None
+        assert (detail.engine, detail.platform, detail.reused) == ("registry", "linux/arm64", False)
+        assert (detail.fetched_bytes, detail.cached_bytes) == (3, 4)
+    finally:
+        await database.close()
 
 
 async def test_the_default_database_can_be_initialised_twice(

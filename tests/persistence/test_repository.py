@@ -23,6 +23,7 @@ from persistence.repository import (
     ERROR_MESSAGE_MAX,
     TRUNCATION_MARK,
     ApplyOutcome,
+    TaskDetailRecord,
     TaskRecord,
     TaskRepository,
 )
@@ -105,6 +106,36 @@ async def test_side_tables_are_keyed_for_idempotency(database: Database) -> None
     assert details == {("task_id",): True}
 
 
+async def test_every_task_detail_but_its_key_is_optional(database: Database) -> None:
+    columns = await table_columns(database, "dcu_task_details")
+
+    assert columns == {
+        "id": False,
+        "task_id": False,
+        **{
+            name: True
+            for name in [
+                "image_id",
+                "tar_bytes",
+                "archive_bytes",
+                "archive_sha256",
+                "bucket",
+                "stage",
+                "stage_bytes_done",
+                "stage_bytes_total",
+                "stage_rate",
+                "progress_time",
+                "platform",
+                "manifest_digest",
+                "engine",
+                "reused",
+                "fetched_bytes",
+                "cached_bytes",
+            ]
+        },
+    }
+
+
 # -- the pipeline ---------------------------------------------------------------------
 
 
@@ -156,6 +187,206 @@ async def test_happy_path_completes_the_task(repository: TaskRepository) -> None
     assert [t.stream_seq for t in log] == list(range(1, 8))
     assert [t.event_id for t in log] == [e.event_id for e in events]
     assert [t.time for t in log] == [e.time for e in events]
+
+
+# -- the registry engine's facts --------------------------------------------------------
+
+DIGEST = "sha256:" + "d" * 64
+
+
+def with_payload(event: Event, **changes: object) -> Event:
+    """``event`` (same id and time) with some payload fields changed."""
+    return dataclasses.replace(event, payload=dataclasses.replace(event.payload, **changes))
+
+
+def registry_path(timeline: Timeline, *, reused_object: str | None = None) -> list[Event]:
+    """The happy path of a task that asked for ``linux/arm64``, served by the registry
+    engine from a multi-platform image."""
+    path = timeline.happy_path()
+    path[0] = with_payload(path[0], platform="linux/arm64")
+    path[2] = with_payload(
+        path[2],
+        tar_path="/work/plan.json",
+        engine="registry",
+        layout="blobs",
+        manifest_digest=DIGEST,
+        platform="linux/arm64",
+        fetched_bytes=600,
+        cached_bytes=400,
+        reused_object=reused_object,
+    )
+    return path
+
+
+async def test_a_registry_engine_task_records_its_platform_digest_and_bytes(
+    repository: TaskRepository,
+) -> None:
+    # Given a task that asked for linux/arm64
+    timeline = Timeline()
+    events = registry_path(timeline)
+    await repository.apply(events[0], 1)
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None and detail.platform == "linux/arm64"
+    assert (detail.engine, detail.reused, detail.image_id) == (None, None, None)
+
+    # When the registry engine downloads, compresses and uploads it
+    await apply_all(repository, events[1:], first_seq=2)
+
+    # Then its details hold what the engine reported
+    assert (await repository.get(timeline.task_id)).state is TaskState.COMPLETED
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail == TaskDetailRecord(
+        task_id=timeline.task_id,
+        image_id="sha256:abc",
+        tar_bytes=1000,
+        archive_bytes=400,
+        archive_sha256="f" * 64,
+        bucket="dcu-artifacts",
+        stage=None,
+        stage_bytes_done=None,
+        stage_bytes_total=None,
+        stage_rate=None,
+        progress_time=None,
+        platform="linux/arm64",
+        manifest_digest=DIGEST,
+        engine="registry",
+        reused=False,
+        fetched_bytes=600,
+        cached_bytes=400,
+    )
+
+
+async def test_a_docker_engine_task_keeps_the_platform_it_asked_for(
+    repository: TaskRepository,
+) -> None:
+    # Given a task that asked for a platform, served by the docker engine (old events)
+    timeline = Timeline()
+    events = timeline.happy_path()
+    events[0] = with_payload(events[0], platform="linux/amd64")
+
+    await apply_all(repository, events)
+
+    # Then the download names neither platform nor digest, and the request's stays
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None
+    assert (detail.platform, detail.manifest_digest, detail.engine) == (
+        "linux/amd64",
+        None,
+        "docker",
+    )
+    assert (detail.reused, detail.fetched_bytes, detail.cached_bytes) == (False, None, None)
+
+
+async def test_a_task_without_a_platform_has_no_details_until_it_runs(
+    repository: TaskRepository,
+) -> None:
+    timeline = Timeline()
+    await repository.create_if_absent(timeline.requested())
+
+    assert await repository.get_detail(timeline.task_id) is None
+
+
+async def test_create_if_absent_records_the_requested_platform(
+    repository: TaskRepository,
+) -> None:
+    timeline = Timeline()
+    requested = timeline.requested(platform="linux/arm/v7")
+
+    await repository.create_if_absent(requested)
+    assert await repository.apply(requested, 1) is ApplyOutcome.DUPLICATE
+
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None and detail.platform == "linux/arm/v7"
+
+
+@pytest.mark.parametrize(
+    ("reused_object", "reused_from", "reused"),
+    [
+        pytest.param(None, None, False, id="built"),
+        pytest.param("dcu/nginx_latest-1.tar.gz", None, True, id="reused-at-download"),
+        pytest.param(None, "dcu/nginx_latest-1.tar.gz", True, id="reused-at-upload"),
+        pytest.param(
+            "dcu/nginx_latest-1.tar.gz", "dcu/nginx_latest-1.tar.gz", True, id="reused-both"
+        ),
+    ],
+)
+async def test_digest_reuse_is_recorded(
+    repository: TaskRepository, reused_object: str | None, reused_from: str | None, reused: bool
+) -> None:
+    # Given a registry task whose download and upload say whether an archive was reused
+    timeline = Timeline()
+    events = registry_path(timeline, reused_object=reused_object)
+    events[-1] = with_payload(
+        events[-1], manifest_digest=DIGEST, platform="linux/arm64", reused_from=reused_from
+    )
+
+    # When they are applied, the download first
+    await apply_all(repository, events[:3])
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None and detail.reused is (reused_object is not None)
+    await apply_all(repository, events[3:], first_seq=4)
+
+    # Then the task says whether it was reused
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None
+    assert (detail.reused, detail.manifest_digest, detail.platform) == (
+        reused,
+        DIGEST,
+        "linux/arm64",
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        pytest.param({"engine": None}, "engine is not a string", id="engine-null"),
+        pytest.param({"engine": "e" * 21}, "engine is longer than 20", id="engine-long"),
+        pytest.param({"platform": 5}, "platform is not a string", id="platform-number"),
+        pytest.param({"platform": "p" * 65}, "platform is longer than 64", id="platform-long"),
+        pytest.param(
+            {"manifest_digest": "sha256:" + "d" * 94},
+            "manifest_digest is longer than 100",
+            id="digest-long",
+        ),
+        pytest.param({"fetched_bytes": "many"}, "fetched_bytes is not a number", id="fetched"),
+        pytest.param({"cached_bytes": -1}, "cached_bytes is out of range", id="cached"),
+        pytest.param({"reused_object": True}, "reused_object is not a string", id="reused"),
+    ],
+)
+async def test_download_facts_that_do_not_fit_are_refused(
+    repository: TaskRepository, changes: dict[str, object], error: str
+) -> None:
+    # Given a downloading task
+    timeline = Timeline()
+    events = registry_path(timeline)
+    await apply_all(repository, events[:2])
+    bad = timeline.event(dataclasses.replace(events[2].payload, **changes))
+
+    # When its download event carries a value that does not fit
+    outcome = await repository.apply(bad, 3)
+
+    # Then the event is logged as invalid and no fact of it is recorded
+    assert outcome is ApplyOutcome.INVALID
+    entry = (await repository.transitions(timeline.task_id))[-1]
+    assert entry.applied is False
+    assert entry.error is not None and entry.error.startswith(f"invalid event: {error}")
+    detail = await repository.get_detail(timeline.task_id)
+    assert detail is not None and (detail.image_id, detail.engine) == (None, None)
+
+
+async def test_a_requested_platform_that_does_not_fit_is_refused(
+    repository: TaskRepository,
+) -> None:
+    timeline = Timeline()
+    too_long = timeline.requested(platform="linux/" + "a" * 64)
+
+    with pytest.raises(InvalidInput, match="platform is longer than 64"):
+        await repository.create_if_absent(too_long)
+    assert await repository.apply(too_long, 1) is ApplyOutcome.INVALID
+
+    with pytest.raises(NotFound):
+        await repository.get(timeline.task_id)
+    assert await repository.get_detail(timeline.task_id) is None
 
 
 @pytest.mark.parametrize(

@@ -231,7 +231,7 @@ async def test_rebuild_from_the_stream_reproduces_every_row(
     await publish_all(js, nats_settings, [Timeline().failed("who?")])
     await js.publish(subjects.every_task(prefix=prefix).replace(">", "x.requested"), b"garbage")
     # the gateway creates its task right after publishing it
-    requested = gateway.requested("alpine:3")
+    requested = gateway.requested("alpine:3", platform="linux/arm64")
     await publish_all(js, nats_settings, [requested])
     await live.create_if_absent(requested)
     await publish_all(js, nats_settings, [gateway.happy_path()[1], gateway.progress(5)])
