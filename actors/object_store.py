@@ -5,26 +5,39 @@ MinIO, Ceph RGW, AWS S3 and moto all work, and the local store is a drop-in for 
 DCU without an S3 server. Every failure becomes ``StorageError`` naming the endpoint
 (never the keys). With ``minio.use_ssl`` the server's certificate is checked against the
 system's trust store, or against ``minio.ca_file`` alone when that is set.
+
+Uploads to S3 are multipart uploads driven here rather than by miniopy's ``fput_object``,
+which reads every part of a file into memory before its uploads (bounded only in number
+of connections) drain them: a reader hands parts one at a time to ``minio.parallel_parts``
+uploaders, so an upload holds at most ``parallel_parts + 2`` parts (those being sent, one
+waiting, one being read) whatever the file's size.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import aiohttp
 from miniopy_async.api import Minio
+from miniopy_async.commonconfig import REPLACE, CopySource
+from miniopy_async.datatypes import Object, Part
 from miniopy_async.error import MinioException, S3Error
+from miniopy_async.helpers import DictType, genheaders
 
 from dcu.errors import StorageError
 from dcu.settings import MinioSettings
@@ -57,8 +70,28 @@ class ObjectStore(Protocol):
         path: Path,
         metadata: dict[str, str],
         progress: ProgressCallback | None = None,
+        *,
+        sha256: str | None = None,
     ) -> ObjectInfo:
-        """Upload ``path`` as ``name``; verifies the stored size before returning."""
+        """Upload ``path`` as ``name``; verifies the stored size before returning.
+
+        With ``sha256`` (hex), the bytes read must hash to it, else nothing is stored
+        (the file changed since it was hashed). Raises StorageError.
+        """
+        ...
+
+    async def copy(self, source: str, dest: str, metadata: dict[str, str]) -> ObjectInfo:
+        """Copy ``source`` to ``dest`` inside the store, its user metadata replaced by
+        ``metadata``. Raises StorageError, also when ``source`` does not exist."""
+        ...
+
+    async def put_bytes(self, name: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
+        """Store a small object (a JSON pointer) in one request; raises StorageError."""
+        ...
+
+    async def get_bytes(self, name: str, limit: int = 1 << 20) -> bytes | None:
+        """A small object's bytes, or None when it does not exist. Raises StorageError
+        when it is larger than ``limit`` bytes."""
         ...
 
     async def stat(self, name: str) -> ObjectInfo | None: ...
@@ -78,22 +111,46 @@ class ObjectStore(Protocol):
 
 
 class _Progress:
-    """miniopy-async's progress protocol, forwarded to a plain callback."""
+    """Bytes stored so far out of ``total``, forwarded to a plain callback."""
 
-    def __init__(self, callback: ProgressCallback) -> None:
+    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
         self._callback = callback
-        self._total: int | None = None
+        self._total = total
         self._done = 0
 
-    async def set_meta(self, object_name: str, total_length: int) -> None:
-        self._total = total_length
-
-    async def update(self, size: int) -> None:
+    def add(self, size: int) -> None:
         self._done += size
-        self._callback(self._done, self._total)
+        if self._callback is not None:
+            self._callback(self._done, self._total)
+
+
+@dataclass(slots=True)
+class _Parts:
+    """What the reader of one upload saw, and what the server acknowledged."""
+
+    size: int = 0
+    count: int = 0  # parts 1..count; an empty file still makes one (empty) part
+    md5s: dict[int, bytes] = field(default_factory=dict)
+    etags: dict[int, str] = field(default_factory=dict)
+    sha256: Any = None  # of the whole file, when the caller has a hash to check
 
 
 _TRANSPORT_ERRORS = (MinioException, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+# A multipart upload's ETag as S3, MinIO and moto compute it: md5(part digests)-count.
+_MULTIPART_ETAG = re.compile(r"[0-9a-f]{32}-[0-9]+")
+_MAX_PARTS = 10_000  # per multipart upload, S3's limit
+_MIB = 1024 * 1024
+
+
+def _md5(data: bytes | memoryview) -> bytes:
+    return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _digest(part: io.BytesIO) -> tuple[int, bytes]:
+    """Size and MD5 of a part, without copying it."""
+    with part.getbuffer() as view:
+        return len(view), _md5(view)
 
 
 class S3ObjectStore:
@@ -134,9 +191,13 @@ class S3ObjectStore:
                 secure=self._settings.use_ssl,
                 region=self._settings.region or None,
                 # Bounded waits: a stalled S3 fails the attempt and dramatiq retries it,
-                # instead of miniopy's default five-minute waits.
+                # instead of miniopy's default five-minute waits. Waiting for a pooled
+                # connection counts against ``connect``, so the pool leaves room for a
+                # few uploads at full parallelism.
                 session=aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=10, ssl=self._tls()),
+                    connector=aiohttp.TCPConnector(
+                        limit=max(10, 4 * self._settings.parallel_parts), ssl=self._tls()
+                    ),
                     timeout=aiohttp.ClientTimeout(
                         connect=self._settings.connect_timeout,
                         sock_connect=self._settings.connect_timeout,
@@ -168,34 +229,282 @@ class S3ObjectStore:
             raise self._error("bucket check", exc) from exc
         self._bucket_ready = True
 
+    def _part_size(self, size: int) -> int:
+        """``minio.part_size``, grown to whole MiB when ``size`` would need more parts
+        than S3 allows in one upload."""
+        part_size = self._settings.part_size
+        if size > part_size * _MAX_PARTS:
+            part_size = -(-size // (_MAX_PARTS * _MIB)) * _MIB
+        return part_size
+
     async def put_file(
         self,
         name: str,
         path: Path,
         metadata: dict[str, str],
         progress: ProgressCallback | None = None,
+        *,
+        sha256: str | None = None,
     ) -> ObjectInfo:
+        """Upload ``path`` as ``name`` in a multipart upload, ``minio.parallel_parts``
+        parts at a time, in memory bounded by the part size, not the file's size.
+
+        Each part goes with its Content-MD5 (the server refuses a part damaged on the
+        way); once complete, the stored size and, in S3's multipart form, the ETag are
+        checked against what was read. Raises StorageError when the upload fails (the
+        multipart upload is aborted), when the file's size or the ``sha256`` given
+        (hex) do not match the bytes read (nothing is stored), or when the stored object
+        disagrees (it is removed). A cancelled upload is aborted and stays cancelled.
+        """
         await self.ensure_bucket()
-        expected = path.stat().st_size
+        bucket = self._settings.bucket
+        what = f"upload of {name}"
+        upload_id: str | None = None
+        parts = _Parts(sha256=None if sha256 is None else hashlib.sha256())
         try:
-            await self.client.fput_object(
+            expected = path.stat().st_size
+            user: DictType = dict(metadata)
+            headers = genheaders(user, None, None, None, False)
+            headers["Content-Type"] = "application/gzip"
+            upload_id = await self.client._create_multipart_upload(bucket, name, headers)
+            await self._send_parts(
+                name,
+                path,
+                upload_id,
+                self._part_size(expected),
+                parts,
+                _Progress(progress, expected),
+            )
+            if parts.size != expected:
+                raise StorageError(
+                    f"S3 at {self.location}: {what} refused: {path} changed while it was "
+                    f"read ({parts.size} bytes read, {expected} expected)"
+                )
+            if sha256 is not None and parts.sha256.hexdigest() != sha256.lower():
+                raise StorageError(
+                    f"S3 at {self.location}: {what} refused: the bytes read from {path} "
+                    "do not match its sha256 (it changed since it was hashed)"
+                )
+            await self.client._complete_multipart_upload(
+                bucket,
+                name,
+                upload_id,
+                [Part(number, parts.etags[number]) for number in range(1, parts.count + 1)],
+            )
+        except BaseException as exc:
+            if upload_id is not None:
+                await self._abort_upload(name, upload_id)
+            if isinstance(exc, _TRANSPORT_ERRORS):
+                raise self._error(what, exc) from exc
+            raise
+        stored = await self._stat_object(name, f"stat of {name}")
+        problem = self._stored_problem(name, stored, expected, parts)
+        if problem is not None:
+            if stored is not None:
+                with contextlib.suppress(StorageError):
+                    await self.remove(name)
+            raise StorageError(f"S3 at {self.location}: {name} {problem}")
+        assert stored is not None
+        log.debug("uploaded %s (%d bytes, %d parts)", name, expected, parts.count)
+        return self._info(name, stored)
+
+    async def _send_parts(
+        self,
+        name: str,
+        path: Path,
+        upload_id: str,
+        part_size: int,
+        parts: _Parts,
+        progress: _Progress,
+    ) -> None:
+        """Read ``path`` part by part into a bounded queue that ``parallel_parts``
+        uploaders drain; the first failure cancels the rest and is raised."""
+        bucket = self._settings.bucket
+        uploaders = self._settings.parallel_parts
+        # One part waiting: the reader stays just ahead of the uploaders, never further.
+        queue: asyncio.Queue[tuple[int, io.BytesIO] | None] = asyncio.Queue(1)
+
+        def read(file: BinaryIO) -> io.BytesIO:
+            # A BytesIO rather than bytes: aiohttp sends it in small chunks, where a
+            # bytes body is copied whole into the 3.11 transport's buffer when the
+            # socket does not take it at once (the part would be held twice).
+            part = io.BytesIO()
+            while (missing := part_size - part.tell()) and (chunk := file.read(min(missing, _MIB))):
+                if parts.sha256 is not None:
+                    parts.sha256.update(chunk)
+                part.write(chunk)
+            return part
+
+        async def reader(file: BinaryIO) -> None:
+            while True:
+                part = await asyncio.to_thread(read, file)
+                size = part.tell()
+                if not size and parts.count:
+                    break
+                parts.count += 1
+                parts.size += size
+                part.seek(0)
+                await queue.put((parts.count, part))
+                del part
+                if size < part_size:
+                    break
+            for _ in range(uploaders):
+                await queue.put(None)
+
+        async def uploader() -> None:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                number, part = item
+                del item  # hold a part only while it is being sent
+                # MD5 here rather than in the reader: parts hash on several cores.
+                size, md5 = await asyncio.to_thread(_digest, part)
+                parts.md5s[number] = md5
+                checksum: DictType = {"Content-MD5": base64.b64encode(md5).decode()}
+                parts.etags[number] = await self.client._upload_part(
+                    bucket, name, part, checksum, upload_id, number
+                )
+                del part
+                progress.add(size)
+
+        with path.open("rb") as file:
+            tasks = [asyncio.create_task(reader(file))]
+            tasks += [asyncio.create_task(uploader()) for _ in range(uploaders)]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if (exc := task.exception()) is not None:
+                        raise exc
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _abort_upload(self, name: str, upload_id: str) -> None:
+        """Best effort: a failed upload's parts hold storage until aborted. A failure
+        here is logged, never raised over the upload's own error; ``abort_incomplete``
+        catches what is left on the next attempt."""
+        try:
+            async with asyncio.timeout(self._settings.connect_timeout):
+                await self.client._abort_multipart_upload(self._settings.bucket, name, upload_id)
+        except _TRANSPORT_ERRORS as exc:
+            log.warning("%s", self._error(f"aborting the failed upload of {name}", exc))
+
+    def _stored_problem(
+        self, name: str, stored: Object | None, expected: int, parts: _Parts
+    ) -> str | None:
+        """What is wrong with the object a completed upload left, or None."""
+        if stored is None:
+            return "is missing after its upload completed"
+        if stored.size != expected:
+            return f"stored {stored.size} bytes, expected {expected} bytes"
+        etag = (stored.etag or "").strip('"').lower()
+        if not _MULTIPART_ETAG.fullmatch(etag):
+            log.debug(
+                "%s: ETag %r of %s is not S3's multipart form, not checked",
+                self.location,
+                etag,
+                name,
+            )
+            return None
+        if any(
+            parts.etags[number].strip('"').lower() != md5.hex()
+            for number, md5 in parts.md5s.items()
+        ):
+            # An encrypting server's part ETags are not the parts' MD5s, nor is its
+            # object ETag derived from them; Content-MD5 already vouched for each part.
+            log.debug("%s: part ETags of %s are not MD5s, ETag not checked", self.location, name)
+            return None
+        combined = b"".join(parts.md5s[number] for number in range(1, parts.count + 1))
+        want = f"{_md5(combined).hex()}-{parts.count}"
+        if etag != want:
+            return f"has ETag {etag}, expected {want} from the parts sent"
+        return None
+
+    async def copy(self, source: str, dest: str, metadata: dict[str, str]) -> ObjectInfo:
+        """Server-side copy (the bytes never pass through DCU); the content type is kept,
+        the user metadata is ``metadata`` alone. Raises StorageError, naming ``source``
+        when it does not exist."""
+        await self.ensure_bucket()
+        bucket = self._settings.bucket
+        what = f"copy of {source} to {dest}"
+        missing = StorageError(f"S3 at {self.location}: {what} failed: {source} does not exist")
+        original = await self._stat_object(source, what)
+        if original is None:
+            raise missing
+        headers: DictType = dict(metadata)
+        headers["Content-Type"] = original.content_type or "application/octet-stream"
+        try:
+            await self.client.copy_object(
+                bucket,
+                dest,
+                CopySource(bucket, source),
+                metadata=headers,
+                metadata_directive=REPLACE,
+            )
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND:  # removed since the stat
+                raise missing from exc
+            raise self._error(what, exc) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(what, exc) from exc
+        copied = await self._stat_object(dest, what)
+        if copied is None or copied.size != original.size:
+            got = "nothing" if copied is None else f"{copied.size} bytes"
+            raise StorageError(
+                f"S3 at {self.location}: {what} stored {got}, expected {original.size} bytes"
+            )
+        return self._info(dest, copied)
+
+    async def put_bytes(self, name: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
+        await self.ensure_bucket()
+        what = f"upload of {name}"
+        try:
+            await self.client.put_object(
                 self._settings.bucket,
                 name,
-                str(path),
-                content_type="application/gzip",
+                io.BytesIO(data),
+                len(data),
                 metadata=dict(metadata),
-                part_size=self._settings.part_size,
-                progress=_Progress(progress) if progress is not None else None,
             )
         except _TRANSPORT_ERRORS as exc:
-            raise self._error(f"upload of {name}", exc) from exc
-        info = await self.stat(name)
-        if info is None or info.size != expected:
-            got = "nothing" if info is None else f"{info.size} bytes"
+            raise self._error(what, exc) from exc
+        stored = await self._stat_object(name, what)
+        if stored is None or stored.size != len(data):
+            got = "nothing" if stored is None else f"{stored.size} bytes"
             raise StorageError(
-                f"S3 at {self.location}: {name} stored {got}, expected {expected} bytes"
+                f"S3 at {self.location}: {name} stored {got}, expected {len(data)} bytes"
             )
-        return info
+        return self._info(name, stored)
+
+    async def get_bytes(self, name: str, limit: int = 1 << 20) -> bytes | None:
+        """Reads no more than ``limit`` + 1 bytes, whatever the object's size."""
+        what = f"download of {name}"
+        too_large = StorageError(
+            f"S3 at {self.location}: {what} refused: larger than {limit} bytes"
+        )
+        try:
+            response = await self.client.get_object(self._settings.bucket, name)
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND:
+                return None
+            raise self._error(what, exc) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(what, exc) from exc
+        try:
+            if response.content_length is not None and response.content_length > limit:
+                raise too_large
+            data = bytearray()
+            async for chunk in response.content.iter_any():
+                data += chunk
+                if len(data) > limit:
+                    raise too_large
+            return bytes(data)
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(what, exc) from exc
+        finally:
+            response.close()  # drops the connection only when the body was not read
 
     async def abort_incomplete(self, name: str) -> int:
         # A multipart upload whose worker died is not an object, but its parts hold
@@ -214,15 +523,19 @@ class S3ObjectStore:
             raise self._error(f"aborting unfinished uploads of {name}", exc) from exc
         return aborted
 
-    async def stat(self, name: str) -> ObjectInfo | None:
+    async def _stat_object(self, name: str, what: str) -> Object | None:
+        """The server's stat of ``name``, None when it does not exist."""
         try:
-            obj = await self.client.stat_object(self._settings.bucket, name)
+            return await self.client.stat_object(self._settings.bucket, name)
         except S3Error as exc:
-            if exc.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
+            if exc.code in _NOT_FOUND:
                 return None
-            raise self._error(f"stat of {name}", exc) from exc
+            raise self._error(what, exc) from exc
         except _TRANSPORT_ERRORS as exc:
-            raise self._error(f"stat of {name}", exc) from exc
+            raise self._error(what, exc) from exc
+
+    @staticmethod
+    def _info(name: str, obj: Object) -> ObjectInfo:
         headers = dict(obj.metadata or {})
         meta = {
             str(k).lower().removeprefix("x-amz-meta-"): str(v)
@@ -235,6 +548,10 @@ class S3ObjectStore:
             last_modified=obj.last_modified or datetime.now(UTC),
             metadata=meta,
         )
+
+    async def stat(self, name: str) -> ObjectInfo | None:
+        obj = await self._stat_object(name, f"stat of {name}")
+        return None if obj is None else self._info(name, obj)
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         await self.ensure_bucket()
@@ -274,6 +591,16 @@ class S3ObjectStore:
             self._client = None
 
 
+def _copy_hashing(source: Path, dest: Path) -> str:
+    """Copy ``source`` to ``dest``; the sha256 (hex) of the bytes copied."""
+    digest = hashlib.sha256()
+    with source.open("rb") as src, dest.open("wb") as dst:
+        while chunk := src.read(_MIB):
+            digest.update(chunk)
+            dst.write(chunk)
+    return digest.hexdigest()
+
+
 class LocalObjectStore:
     """Objects as files under ``<local_path>/<bucket>/``, metadata in a JSON sidecar.
 
@@ -295,6 +622,11 @@ class LocalObjectStore:
             raise StorageError(f"object name {name!r} would leave {self.location}")
         return candidate
 
+    def _place(self, target: Path, part: Path, metadata: dict[str, str]) -> None:
+        """Move a finished ``part`` file in as ``target``, with its metadata sidecar."""
+        os.replace(part, target)
+        target.with_name(target.name + self._META_SUFFIX).write_text(json.dumps(metadata))
+
     async def ensure_bucket(self) -> None:
         try:
             self._root.mkdir(parents=True, exist_ok=True)
@@ -307,30 +639,105 @@ class LocalObjectStore:
         path: Path,
         metadata: dict[str, str],
         progress: ProgressCallback | None = None,
+        *,
+        sha256: str | None = None,
     ) -> ObjectInfo:
         await self.ensure_bucket()
         target = self._path(name)
         part = target.with_name(target.name + ".part")
-        expected = path.stat().st_size
 
-        def copy() -> None:
+        def copy() -> bool:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, part)
-            os.replace(part, target)
-            target.with_name(target.name + self._META_SUFFIX).write_text(json.dumps(metadata))
+            if sha256 is None:
+                shutil.copyfile(path, part)
+            elif _copy_hashing(path, part) != sha256.lower():
+                part.unlink()
+                return False
+            self._place(target, part, metadata)
+            return True
 
         try:
-            await asyncio.to_thread(copy)
+            expected = path.stat().st_size
+            matched = await asyncio.to_thread(copy)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 part.unlink()
             raise StorageError(f"{self.location}: storing {name} failed: {exc}") from exc
+        if not matched:
+            raise StorageError(
+                f"{self.location}: storing {name} refused: the bytes read from {path} do not "
+                "match its sha256 (it changed since it was hashed)"
+            )
         if progress is not None:
             progress(expected, expected)
         info = await self.stat(name)
         if info is None or info.size != expected:
             raise StorageError(f"{self.location}: {name} stored with the wrong size")
         return info
+
+    async def copy(self, source: str, dest: str, metadata: dict[str, str]) -> ObjectInfo:
+        original = self._path(source)
+        target = self._path(dest)
+        part = target.with_name(target.name + ".part")
+        what = f"copy of {source} to {dest}"
+        if not original.is_file() or original.is_symlink():
+            raise StorageError(f"{self.location}: {what} failed: {source} does not exist")
+
+        def copy() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(original, part)
+            self._place(target, part, metadata)
+
+        try:
+            await asyncio.to_thread(copy)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            if isinstance(exc, FileNotFoundError) and not original.exists():
+                raise StorageError(
+                    f"{self.location}: {what} failed: {source} does not exist"
+                ) from exc
+            raise StorageError(f"{self.location}: {what} failed: {exc}") from exc
+        info = await self.stat(dest)
+        if info is None:
+            raise StorageError(f"{self.location}: {what} stored nothing")
+        return info
+
+    async def put_bytes(self, name: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
+        await self.ensure_bucket()
+        target = self._path(name)
+        part = target.with_name(target.name + ".part")
+
+        def write() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part.write_bytes(data)
+            self._place(target, part, metadata)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise StorageError(f"{self.location}: storing {name} failed: {exc}") from exc
+        info = await self.stat(name)
+        if info is None or info.size != len(data):
+            raise StorageError(f"{self.location}: {name} stored with the wrong size")
+        return info
+
+    async def get_bytes(self, name: str, limit: int = 1 << 20) -> bytes | None:
+        target = self._path(name)
+        try:
+            with target.open("rb") as file:
+                data = file.read(limit + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"{self.location}: reading {name} failed: {exc}") from exc
+        if len(data) > limit:
+            raise StorageError(
+                f"{self.location}: reading {name} refused: larger than {limit} bytes"
+            )
+        return data
 
     async def abort_incomplete(self, name: str) -> int:
         target = self._path(name)
