@@ -8,6 +8,7 @@
   follows a symlink: every step works on directory file descriptors opened with
   ``O_NOFOLLOW`` and ``lstat``-style calls, so a link swapped in mid-run cannot redirect
   it. Symlinked task directories or archives are left alone and counted as kept.
+  With it runs the blob cache's LRU eviction down to ``download.cache_max_bytes``.
 * ``clean_objects`` removes expired ``<prefix><task_id>/<name>.tar.gz`` objects through
   the ``ObjectStore`` protocol (S3 or the local directory store alike).
 
@@ -37,6 +38,7 @@ from typing import Any
 
 import dramatiq
 
+from actors.blob_cache import BlobCache
 from actors.broker import JetStreamBroker
 from actors.object_store import ObjectStore
 from actors.pipeline import Runtime
@@ -55,6 +57,7 @@ from events.cleanup import (
     object_prefix,
     select_expired,
 )
+from events.naming import PLAN_FILE
 from events.schema import DecodeError, utcnow
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ log = logging.getLogger(__name__)
 CLEANUP_QUEUE = "cleanup"
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.gz.part")
-WORK_FILES = frozenset({"image.tar", "image.tar.part"})
+WORK_FILES = frozenset({"image.tar", "image.tar.part", PLAN_FILE, f"{PLAN_FILE}.part"})
+BLOBS_DIR = "blobs"  # the registry engine's hard links to the task's verified blobs
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOFOLLOW_DIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
@@ -212,6 +216,33 @@ def _clean_archives(
     _each_task_dir(root, "gzip", result, visit)
 
 
+def _is_blob_name(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _clean_blob_links(task_fd: int, task_id: str, result: CleanupResult) -> int:
+    """Remove an abandoned task's ``blobs/<hex>`` links (the shared cache keeps its own
+    names) and the directory; never follows a link."""
+    try:
+        blobs_fd = os.open(BLOBS_DIR, _NOFOLLOW_DIR_FLAGS, dir_fd=task_fd)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            result.kept += 1
+        else:
+            result.error(f"work {task_id}/{BLOBS_DIR}: {_reason(exc)}")
+        return 0
+    try:
+        files = _files(blobs_fd, _is_blob_name, result)
+        removed = sum(_unlink(blobs_fd, task_id, entry, result) for entry in files)
+    finally:
+        os.close(blobs_fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(BLOBS_DIR, dir_fd=task_fd)
+    return removed
+
+
 def _clean_work(root: Path, now: datetime, retention_days: float, result: CleanupResult) -> None:
     """A work directory is abandoned when neither it nor anything in it changed within
     the retention: its download or compress stage is long gone."""
@@ -228,6 +259,7 @@ def _clean_work(root: Path, now: datetime, retention_days: float, result: Cleanu
             result.kept += len(files)
             return
         removed = sum(_unlink(dir_fd, task_id, entry, result) for entry in files)
+        removed += _clean_blob_links(dir_fd, task_id, result)
         if removed:
             log.info("cleanup: task %s: removed %d abandoned work file(s)", task_id, removed)
         _remove_dir_if_empty(root_fd, task_id, "work", result)
@@ -297,13 +329,22 @@ async def run_cleanup(
     """Run one cleanup of ``kind`` with the configured paths, prefix and retention."""
     storage = settings.storage
     if kind is CleanupKind.GZIP:
-        return await asyncio.to_thread(
+        result = await asyncio.to_thread(
             clean_gzip,
             Path(storage.gzip_path),
             Path(storage.work_path),
             now,
             storage.gzip_retention_days,
         )
+        cache = BlobCache(Path(settings.download.cache_path), settings.download.cache_max_bytes)
+        try:
+            evicted = await asyncio.to_thread(cache.evict)
+        except OSError as exc:
+            result.error(f"blob cache {cache.root}: {_reason(exc)}")
+        else:
+            result.deleted += evicted.removed
+            result.bytes_freed += evicted.freed_bytes
+        return result
     return await clean_objects(store, settings.minio.prefix, now, storage.minio_retention_days)
 
 

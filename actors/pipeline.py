@@ -30,6 +30,7 @@ from actors import stages
 from actors.broker import JetStreamBroker
 from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore, open_store
+from actors.registry_engine import RegistryEngine
 from dcu import bus
 from dcu.errors import BusError, PermanentFailure
 from dcu.settings import Settings
@@ -61,6 +62,7 @@ class Runtime:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._engine: DockerEngine | None = None
+        self._registry: RegistryEngine | None = None
         self._store: ObjectStore | None = None
         self._lock: asyncio.Lock | None = None
 
@@ -84,8 +86,11 @@ class Runtime:
 
     async def context(self) -> stages.StageContext:
         await self._open()
-        if self._engine is None:
-            self._engine = DockerEngine(self.settings.docker)
+        if self.settings.download.engine == "docker":
+            if self._engine is None:
+                self._engine = DockerEngine(self.settings.docker)
+        elif self._registry is None:
+            self._registry = RegistryEngine(self.settings)
         if self._store is None:
             self._store = open_store(self.settings.minio)
         return stages.StageContext(
@@ -95,6 +100,7 @@ class Runtime:
             emit=self.publish,
             worker=self.name,
             recorded=self.recorded,
+            registry=self._registry,
         )
 
     async def recorded(self, task_id: str, event_type: EventType) -> bool:
@@ -114,6 +120,9 @@ class Runtime:
         if self._engine is not None:
             await self._engine.close()
             self._engine = None
+        if self._registry is not None:
+            await self._registry.close()
+            self._registry = None
         if self._store is not None:
             await self._store.close()
             self._store = None

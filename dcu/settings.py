@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from events.platform import DEFAULT_PLATFORM, InvalidPlatform, parse_platform
+
 DEFAULT_CONFIG = Path("configs/config.yaml")
 
 
@@ -126,7 +128,10 @@ class MinioSettings(BaseModel):
     region: str = ""
     prefix: str = "dcu/"
     local_path: str = "./data/objects"
-    part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # An upload holds at most ``parallel_parts + 2`` parts in memory (48 MiB by default).
+    part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # Parts in flight per upload; an upload holds about twice this many parts in memory.
+    parallel_parts: int = Field(default=4, ge=1, le=16)
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=120.0, gt=0)
     # PEM bundle of the CA(s) that signed the S3 server's certificate, instead of the
@@ -189,15 +194,78 @@ class DockerSettings(BaseModel):
     @field_validator("allowed_registries")
     @classmethod
     def _registry_hosts(cls, hosts: list[str]) -> list[str]:
-        normalised = []
-        for host in hosts:
-            value = host.strip().lower()
-            if not _REGISTRY_HOST.fullmatch(value):
-                raise ValueError(
-                    f"allowed registry {host!r} is not a host[:port] (no scheme, no path)"
-                )
-            normalised.append(value)
-        return normalised
+        return _registry_host_list(hosts, "allowed registry")
+
+
+def _registry_host_list(hosts: list[str], what: str) -> list[str]:
+    normalised = []
+    for host in hosts:
+        value = host.strip().lower()
+        if not _REGISTRY_HOST.fullmatch(value):
+            raise ValueError(f"{what} {host!r} is not a host[:port] (no scheme, no path)")
+        normalised.append(value)
+    return normalised
+
+
+class DownloadSettings(BaseModel):
+    """How the download stage gets an image (see docs/performance.md, docs/security.md)."""
+
+    # ``registry``: straight from the registry's blobs, no daemon; ``docker``: the engine
+    # pulls and exports (``docker.host``).
+    engine: Literal["registry", "docker"] = "registry"
+    # The platform of a multi-platform image when the start request names none.
+    platform: str = DEFAULT_PLATFORM
+    # Registry host -> mirrors tried first, in order (``{"docker.io": ["mirror:5000"]}``);
+    # a mirror that fails or lacks the image falls through to the next, then the source.
+    mirrors: dict[str, list[str]] = Field(default_factory=dict)
+    # Hosts spoken to over plain HTTP. Loopback registries always are (as the engine
+    # treats 127.0.0.0/8 as insecure); every other registry needs HTTPS unless listed.
+    insecure_registries: list[str] = Field(default_factory=list)
+    # Token realms (``host[:port]``) that may receive registry credentials besides the
+    # registry's own host (and ``auth.docker.io`` for Docker Hub); see docs/security.md.
+    token_realms: list[str] = Field(default_factory=list)
+    # Blobs fetched at once per task.
+    parallel_blobs: int = Field(default=4, ge=1, le=32)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    # Attempts per registry request (a broken blob transfer resumes with Range).
+    request_attempts: int = Field(default=4, ge=1)
+    # Content-addressed blob cache shared by all tasks; empty: ``<storage.work_path>/blobs``.
+    # Keep it on the work volume: tasks hard-link its blobs (a copy otherwise).
+    # LRU-evicted past ``cache_max_bytes``.
+    cache_path: str = ""
+    cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)  # 0: keep nothing after a task
+    # A task whose manifest digest, platform and tag were already packaged copies the
+    # existing object (server-side) instead of downloading and compressing again.
+    reuse: bool = True
+
+    @field_validator("platform")
+    @classmethod
+    def _platform(cls, value: str) -> str:
+        try:
+            return str(parse_platform(value))
+        except InvalidPlatform as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("insecure_registries")
+    @classmethod
+    def _insecure_hosts(cls, hosts: list[str]) -> list[str]:
+        return _registry_host_list(hosts, "insecure registry")
+
+    @field_validator("token_realms")
+    @classmethod
+    def _realm_hosts(cls, hosts: list[str]) -> list[str]:
+        return _registry_host_list(hosts, "token realm")
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirror_hosts(cls, mirrors: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {
+            _registry_host_list([source], "mirrored registry")[0]: _registry_host_list(
+                hosts, "mirror"
+            )
+            for source, hosts in mirrors.items()
+        }
 
 
 class WorkerSettings(BaseModel):
@@ -231,6 +299,7 @@ class Settings(BaseSettings):
     minio: MinioSettings = Field(default_factory=MinioSettings)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     docker: DockerSettings = Field(default_factory=DockerSettings)
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
 
     @classmethod
@@ -317,4 +386,6 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         _config_file.clear()
     if not settings.docker.host:
         settings.docker.host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    if not settings.download.cache_path:
+        settings.download.cache_path = str(Path(settings.storage.work_path) / "blobs")
     return settings

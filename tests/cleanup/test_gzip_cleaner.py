@@ -162,3 +162,26 @@ def test_naive_now_is_refused_before_anything_is_touched(roots) -> None:
     with pytest.raises(ValueError):
         clean_gzip(gzip, work, NOW.replace(tzinfo=None), 1)
     assert archive.exists()
+
+
+def test_removes_an_abandoned_registry_download_without_following_links(roots) -> None:
+    # Given a registry download abandoned long ago: its plan and hard links to blobs
+    gzip, work, outside = roots
+    abandoned = task_id()
+    blob_name = "ab" * 32
+    plan = write(work / abandoned / "plan.json", 40, OLD)
+    blob = write(work / abandoned / "blobs" / blob_name, 300, OLD)
+    stray = write(work / abandoned / "blobs" / "not-a-digest", 7, OLD)
+    secret = write(outside / "secret", 11, OLD)
+    (work / abandoned / "blobs" / ("cd" * 32)).symlink_to(secret)
+    age_dir(work / abandoned / "blobs", OLD)
+    age_dir(work / abandoned, OLD)
+
+    # When the cleaner runs
+    result = clean_gzip(gzip, work, NOW, 1)
+
+    # Then the plan and the blob link are gone, the stranger and the link's target stay
+    assert result.errors == []
+    assert not plan.exists() and not blob.exists()
+    assert result.deleted == 2 and result.bytes_freed == 40 + 300
+    assert stray.exists() and secret.exists()

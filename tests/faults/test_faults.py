@@ -136,7 +136,9 @@ def test_engine_unreachable_fails_and_the_worker_keeps_serving(
     cluster_factory, pushed_images, tmp_path
 ) -> None:
     cluster = cluster_factory(
-        docker={"host": f"unix://{tmp_path}/no-engine.sock"}, workers={"max_retries": 1}
+        docker={"host": f"unix://{tmp_path}/no-engine.sock"},
+        download={"engine": "docker"},
+        workers={"max_retries": 1},
     ).start_all()
     first = cluster.run_task(pushed_images["small"].reference)
     second = cluster.run_task(pushed_images["nested"].reference)
@@ -148,6 +150,21 @@ def test_engine_unreachable_fails_and_the_worker_keeps_serving(
     assert cluster.processes["download"].process.alive()
 
 
+def test_registry_engine_needs_no_docker_daemon(
+    cluster_factory, pushed_images, docker_engine, s3_server, tmp_path
+) -> None:
+    # Given a deployment whose docker.host leads nowhere, on the default (registry) engine
+    cluster = cluster_factory(docker={"host": f"unix://{tmp_path}/no-engine.sock"}).start_all()
+    image = pushed_images["nested"]
+    # When a task runs
+    task_id = cluster.run_task(image.reference)
+    data = cluster.gateway.wait_terminal(task_id, timeout=120)
+    # Then it completes, and the archive loads to the source image's ID
+    assert data["state"] == "completed", data
+    assert data["engine"] == "registry"
+    assert_archive_loads(cluster, data, image, docker_engine, s3_server, tmp_path)
+
+
 def test_registry_errors_and_timeouts_fail_with_the_cause(
     cluster_factory, pushed_images, tmp_path
 ) -> None:
@@ -156,7 +173,9 @@ def test_registry_errors_and_timeouts_fail_with_the_cause(
     try:
         ports = json.loads(broken.stdout.readline())
         cluster = cluster_factory(
-            docker={"pull_timeout": 5}, workers={"max_retries": 1}
+            docker={"pull_timeout": 5},
+            download={"read_timeout": 3, "request_attempts": 2},
+            workers={"max_retries": 1},
         ).start_all()
         erroring = cluster.run_task(f"127.0.0.1:{ports['error']}/app:1")
         silent = cluster.run_task(f"127.0.0.1:{ports['silent']}/app:1")

@@ -1,0 +1,80 @@
+"""Registry-engine rules that need no registry, and the schema 1 refusal (which the real
+registry here no longer accepts on push, so a small server written for the test serves it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from actors.registry_client import RegistryRefused
+from actors.registry_engine import (
+    RegistryEngine,
+    repo_tags,
+    repository_path,
+    reuse_key,
+)
+from dcu.settings import load_settings
+from events.platform import parse_platform
+from events.reference import parse_reference
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "tags"),
+    [
+        ("nginx", "library/nginx", ("nginx:latest",)),
+        ("nginx:1.25", "library/nginx", ("nginx:1.25",)),
+        ("docker.io/library/nginx:1", "library/nginx", ("nginx:1",)),
+        ("docker.io/me/app:2", "me/app", ("me/app:2",)),
+        ("me/app", "me/app", ("me/app:latest",)),
+        ("127.0.0.1:5000/team/app:v1", "team/app", ("127.0.0.1:5000/team/app:v1",)),
+        ("ghcr.io/o/i@sha256:" + "a" * 64, "o/i", ()),
+    ],
+)
+def test_names_as_the_engine_writes_them(text: str, path: str, tags: tuple[str, ...]) -> None:
+    ref = parse_reference(text)
+    assert repository_path(ref) == path
+    assert repo_tags(ref) == tags
+
+
+def test_reuse_key_changes_with_the_manifest_and_the_tags() -> None:
+    base = reuse_key("sha256:" + "1" * 64, ["a:1"])
+    assert base == reuse_key("sha256:" + "1" * 64, ["a:1"])
+    assert base != reuse_key("sha256:" + "2" * 64, ["a:1"])
+    assert base != reuse_key("sha256:" + "1" * 64, ["a:2"])
+    assert len(base) == 64
+
+
+SCHEMA1 = {
+    "schemaVersion": 1,
+    "name": "old/app",
+    "tag": "1",
+    "architecture": "amd64",
+    "fsLayers": [{"blobSum": "sha256:" + "0" * 64}],
+    "history": [{"v1Compatibility": "{}"}],
+}
+
+
+async def test_a_schema_1_manifest_is_refused_with_a_reason(tmp_path) -> None:
+    # Given a registry (FakeSchema1Registry) that only has a schema 1 manifest
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=json.dumps(SCHEMA1).encode(),
+            content_type="application/vnd.docker.distribution.manifest.v1+prettyjws",
+        )
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    engine = RegistryEngine(load_settings(None, storage={"work_path": str(tmp_path)}))
+    try:
+        ref = parse_reference(f"127.0.0.1:{server.port}/old/app:1")
+        # When it is resolved, Then it is refused, saying what to do
+        with pytest.raises(RegistryRefused, match=r"schema 1 .* push the image again"):
+            await engine.resolve(ref, parse_platform("linux/amd64"), explicit=False)
+    finally:
+        await engine.close()
+        await server.close()
