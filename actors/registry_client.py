@@ -428,9 +428,15 @@ class RegistryClient:
                         )
                     continue
                 if response.status in {401, 403}:
+                    advice = (
+                        f"check the credentials for {endpoint.host}"
+                        if self._credentials(endpoint.host) is not None
+                        else f"no credentials are configured for {endpoint.host} "
+                        "(docker.registries, docker.config_file)"
+                    )
                     raise RegistryRefused(
                         f"{what}: registry {endpoint.host} refused access (HTTP "
-                        f"{response.status}); check the credentials for {endpoint.host}"
+                        f"{response.status}); {advice}"
                     )
                 if response.status == 429 or response.status >= 500:
                     raise _Transient(f"{what}: registry answered HTTP {response.status}")
