@@ -317,7 +317,13 @@ def test_duplicates_do_not_redo_work(cluster_factory, pushed_images) -> None:
 def test_sigterm_finishes_or_hands_back(
     grace, finishes_itself, cluster_factory, pushed_images, docker_engine, s3_server, tmp_path
 ) -> None:
-    cluster = cluster_factory(nats={"ack_wait": 30}, workers={"shutdown_grace": grace}).start_all()
+    # The engine's pull of the large image is what a SIGTERM can reliably land in; the
+    # registry engine fetches it in about a second, faster than the signal can be sent.
+    cluster = cluster_factory(
+        nats={"ack_wait": 30},
+        workers={"shutdown_grace": grace},
+        download={"engine": "docker"},
+    ).start_all()
     image = pushed_images["large"]
     with cluster.recorder() as recorder:
         task_id = cluster.run_task(image.reference)

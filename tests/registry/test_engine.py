@@ -19,6 +19,8 @@ from actors.registry_engine import (
 from dcu.settings import load_settings
 from events.platform import parse_platform
 from events.reference import parse_reference
+from tests.servers.base import free_port
+from tests.servers.oci import layer_tar, push_image
 
 
 @pytest.mark.parametrize(
@@ -78,3 +80,27 @@ async def test_a_schema_1_manifest_is_refused_with_a_reason(tmp_path) -> None:
     finally:
         await engine.close()
         await server.close()
+
+
+async def test_a_failing_mirror_falls_through_to_the_registry(registry, tmp_path) -> None:
+    # Given an image in the registry, and a mirror for it that refuses connections
+    image = push_image(registry.url, "mirrored/app", "1", [layer_tar({"f": b"mirrored"})])
+    dead = f"127.0.0.1:{free_port()}"
+    settings = load_settings(
+        None,
+        storage={"work_path": str(tmp_path)},
+        download={"mirrors": {registry.address: [dead]}, "request_attempts": 1},
+    )
+    engine = RegistryEngine(settings)
+    try:
+        # When it is resolved and downloaded
+        ref = parse_reference(image.reference)
+        resolved = await engine.resolve(ref, parse_platform("linux/amd64"), explicit=False)
+        got = await engine.download(ref, resolved, tmp_path / "task")
+    finally:
+        await engine.close()
+    # Then the registry itself served it, verified
+    assert resolved.endpoint.host == registry.address
+    assert got.plan.image_id == image.image_id
+    assert got.plan.manifest_digest == image.manifest_digest
+    assert [layer.diff_id for layer in got.plan.layers] == list(image.diff_ids)
