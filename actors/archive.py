@@ -18,14 +18,11 @@ for reading blobs or writing the archive (``disk full`` on ENOSPC).
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import tarfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +31,7 @@ from typing import BinaryIO
 import zstandard
 from isal import igzip_threaded, isal_zlib
 
+from actors.compression import atomic_output
 from dcu.errors import InvalidInput, PermanentFailure, StorageError
 
 GZIP_LAYER_TYPES: frozenset[str] = frozenset(
@@ -618,33 +616,17 @@ def write_archive(
     started = time.monotonic()
     pieces = _plan(config, layers, repo_tags)
     total = sum(len(p) if isinstance(p, bytes) else p.info.tar_size for p in pieces)
-    part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with part.open("wb") as raw:
-            sink = _HashingSink(raw)
-            writer = _ArchiveWriter(
-                sink, level=level, threads=max(1, threads), total=total, progress=progress
-            )
-            for piece in pieces:
-                if isinstance(piece, bytes):
-                    writer.add(piece)
-                else:
-                    writer.layer(piece)
-            writer.end_member()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(part, dest)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        if exc.errno == errno.ENOSPC:
-            raise StorageError(f"disk full while writing {dest}") from exc
-        raise StorageError(f"cannot write image archive {dest}: {exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise
+    with atomic_output(dest, "cannot write image archive") as raw:
+        sink = _HashingSink(raw)
+        writer = _ArchiveWriter(
+            sink, level=level, threads=max(1, threads), total=total, progress=progress
+        )
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                writer.add(piece)
+            else:
+                writer.layer(piece)
+        writer.end_member()
     return ArchiveResult(
         bytes_in=writer.done,
         bytes_out=sink.size,

@@ -5,7 +5,7 @@ Layout under ``download.cache_path``::
     sha256/<hex>             a verified blob (only ever appears whole: renamed into place)
     sha256/<hex>.layer.json  what inflating it found (diff_id, tar size, spliceable)
     tmp/<hex>.<rand>.part    a blob being fetched (removed on failure, swept when stale)
-    locks/<hex>.lock         flock held while one process fetches that blob
+    locks/<hex>.lock         flock held while one task fetches that blob
 
 A task never reads the cache directly: the download stage hard-links each blob into the
 task's own directory, so an eviction (which only unlinks the cache's name) can never pull
@@ -19,14 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,19 +81,6 @@ class BlobCache:
         final = self.path(digest)
         os.replace(part, final)
         return final
-
-    @contextlib.contextmanager
-    def fetching(self, digest: str) -> Iterator[None]:
-        """Hold ``digest``'s fetch lock (blocking): a second process fetching the same blob
-        waits, then finds it cached. The kernel drops the lock when a process dies."""
-        self._dirs()
-        lock = self.root / "locks" / f"{_hex(digest)}.lock"
-        with lock.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def layer_info(self, digest: str) -> LayerInfo | None:
         sidecar = self.path(digest).with_suffix(".layer.json")

@@ -14,9 +14,10 @@ import io
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from isal import igzip_threaded
 
@@ -43,7 +44,7 @@ class CompressResult:
 class _HashingWriter(io.RawIOBase):
     """Hashes the compressed stream on its way to disk, saving a second read."""
 
-    def __init__(self, raw: io.BufferedWriter) -> None:
+    def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
         self.digest = hashlib.sha256()
 
@@ -53,6 +54,34 @@ class _HashingWriter(io.RawIOBase):
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         self.digest.update(data)
         return self._raw.write(data)
+
+
+@contextlib.contextmanager
+def atomic_output(dest: Path, failure: str) -> Iterator[BinaryIO]:
+    """A file to write ``dest`` through: a ``.part`` beside it, fsynced and renamed into
+    place when the block ends, removed when it fails. Raises StorageError ("disk full
+    while writing …" on ENOSPC, else ``failure`` followed by ``dest``) for an OSError in
+    the block; other exceptions pass through after the clean-up."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A part name of its own: a duplicate delivery running beside this one never writes
+    # into the same file; the rename at the end is atomic either way.
+    part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        with part.open("wb") as raw:
+            yield raw
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(part, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        if exc.errno == errno.ENOSPC:
+            raise StorageError(f"disk full while writing {dest}") from exc
+        raise StorageError(f"{failure} {dest}: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise
 
 
 def compress_file(
@@ -70,32 +99,16 @@ def compress_file(
     """
     started = time.monotonic()
     total = src.stat().st_size
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
     done = 0
-    try:
-        with src.open("rb") as source, part.open("wb") as raw:
-            hashing = _HashingWriter(raw)
-            gz_open = igzip_threaded.open  # untyped in python-isal
-            with gz_open(hashing, "wb", compresslevel=level, threads=threads) as gz:  # type: ignore[no-untyped-call]
-                while chunk := source.read(_READ_CHUNK):
-                    gz.write(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(part, dest)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        if exc.errno == errno.ENOSPC:
-            raise StorageError(f"disk full while writing {dest}") from exc
-        raise StorageError(f"cannot compress {src} into {dest}: {exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise
+    with atomic_output(dest, f"cannot compress {src} into") as raw, src.open("rb") as source:
+        hashing = _HashingWriter(raw)
+        gz_open = igzip_threaded.open  # untyped in python-isal
+        with gz_open(hashing, "wb", compresslevel=level, threads=threads) as gz:  # type: ignore[no-untyped-call]
+            while chunk := source.read(_READ_CHUNK):
+                gz.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
     return CompressResult(
         bytes_in=done,
         bytes_out=dest.stat().st_size,

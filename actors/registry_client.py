@@ -534,6 +534,13 @@ class RegistryClient:
                         if response.status == 416 and written == size:
                             pass  # everything was there already
                         elif response.status == 206 and written:
+                            if not response.headers.get("Content-Range", "").startswith(
+                                f"bytes {written}-"
+                            ):
+                                raise RegistryRefused(
+                                    f"{what}: asked for bytes from {written}, got "
+                                    f"{response.headers.get('Content-Range', 'no range')}"
+                                )
                             resumed += 1
                         elif response.status == 200:
                             if written:

@@ -57,6 +57,7 @@ SCHEMA1 = frozenset(
 FOREIGN_MARKERS = ("foreign", "nondistributable")
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_LOCK_POLL = 0.1  # seconds between tries for a blob another task is fetching
 PLAN_VERSION = 1
 
 ProgressCallback = Callable[[int, int | None], None]
@@ -319,7 +320,14 @@ class RegistryEngine:
         lock = self.cache.root / "locks" / f"{digest.partition(':')[2]}.lock"
         handle = await asyncio.to_thread(lock.open, "a")
         try:
-            await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
+            # Polled rather than blocking in a thread: waiters must not fill the default
+            # executor that the lock's holder needs for its own writes.
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(_LOCK_POLL)
             yield
         finally:
             with contextlib.suppress(OSError):
@@ -402,10 +410,10 @@ class RegistryEngine:
             if progress is not None:
                 progress(done, total)
 
-        config_path = blobs / resolved.config.digest.partition(":")[2]
-        fetched, cached = await self._blob(resolved, resolved.config, config_path, counted)
         if resolved.config.size > MAX_CONFIG_BYTES:
             raise RegistryRefused(f"config of {ref} is larger than {MAX_CONFIG_BYTES} bytes")
+        config_path = blobs / resolved.config.digest.partition(":")[2]
+        fetched, cached = await self._blob(resolved, resolved.config, config_path, counted)
         config = parse_json_document(config_path.read_bytes(), f"config of {ref}")
         diff_ids = _diff_ids(config, f"config of {ref}")
         if len(diff_ids) != len(resolved.layers):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.cleanup import clean_gzip
+from actors.blob_cache import BlobCache
+from actors.cleanup import clean_gzip, run_cleanup
+from dcu.settings import load_settings
 from events.cleanup import CleanupKind
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -185,3 +188,27 @@ def test_removes_an_abandoned_registry_download_without_following_links(roots) -
     assert not plan.exists() and not blob.exists()
     assert result.deleted == 2 and result.bytes_freed == 40 + 300
     assert stray.exists() and secret.exists()
+
+
+async def test_the_scheduled_archive_cleanup_evicts_the_blob_cache(tmp_path: Path) -> None:
+    # Given a blob cache holding more than its limit, oldest first
+    settings = load_settings(
+        None,
+        storage={"gzip_path": str(tmp_path / "gzip"), "work_path": str(tmp_path / "work")},
+        download={"cache_max_bytes": 150},
+    )
+    cache = BlobCache(Path(settings.download.cache_path), settings.download.cache_max_bytes)
+    blobs = []
+    for index, mtime in enumerate((OLD, NEW, NOW.timestamp())):
+        data = bytes([index]) * 100
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        part = cache.part(digest)
+        part.write_bytes(data)
+        os.utime(cache.commit(part, digest), (mtime, mtime))
+        blobs.append(digest)
+    # When the gzip cleanup runs
+    result = await run_cleanup(CleanupKind.GZIP, settings, store=None, now=NOW)  # type: ignore[arg-type]
+    # Then the two least recently used blobs went, and the run counts them
+    assert result.errors == []
+    assert result.deleted == 2 and result.bytes_freed == 200
+    assert [cache.lookup(d) is not None for d in blobs] == [False, False, True]
