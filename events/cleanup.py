@@ -381,11 +381,20 @@ def object_prefix(prefix: str) -> str:
 
 
 def is_dcu_object(name: str, prefix: str) -> bool:
-    """True for ``<prefix><task_id>/<file>.tar.gz``, the only keys DCU uploads."""
+    """True for the keys DCU uploads: ``<prefix><task_id>/<file>.tar.gz`` archives and
+    the ``<prefix>reuse/<64 hex>.json`` pointers to them (rewritten by every upload of
+    their image, so one older than the retention points at an expired archive)."""
     base = object_prefix(prefix)
     if not name.startswith(base):
         return False
     parts = name[len(base) :].split("/")
+    if len(parts) == 2 and parts[0] == "reuse":
+        key = parts[1].removesuffix(".json")
+        return (
+            parts[1].endswith(".json")
+            and len(key) == 64
+            and all(c in "0123456789abcdef" for c in key)
+        )
     return (
         len(parts) == 2
         and is_task_id(parts[0])

@@ -95,10 +95,12 @@ def from_descriptor(entry: Mapping[str, Any]) -> Platform | None:
     if not isinstance(platform, Mapping):
         return None
     os_name, arch = platform.get("os"), platform.get("architecture")
-    if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
-        return None
     variant = platform.get("variant")
-    return normalise(os_name, arch, variant if isinstance(variant, str) else "")
+    variant = variant if isinstance(variant, str) else ""  # a malformed variant: none
+    parts = (os_name, arch) + ((variant,) if variant else ())
+    if not all(isinstance(part, str) and _PART.fullmatch(part) for part in parts):
+        return None  # not a platform a request could name: never chosen, never listed
+    return normalise(str(os_name), str(arch), str(variant))
 
 
 def choose(wanted: Platform, candidates: Iterable[Platform]) -> int | None:

@@ -149,6 +149,10 @@ class TestNames:
         assert name.startswith(object_prefix(prefix))
         assert is_dcu_object(name, prefix)
 
+    @pytest.mark.parametrize("prefix", ["dcu/", "", "a/b"])
+    def test_reuse_pointers_are_dcu_objects(self, prefix: str) -> None:
+        assert is_dcu_object(naming.reuse_pointer_name(prefix, "0f" * 32), prefix)
+
     @pytest.mark.parametrize(
         "name",
         [
@@ -159,6 +163,10 @@ class TestNames:
             "dcu/notes.tar.gz",
             f"other/{TASK}/x.tar.gz",
             f"dcuX/{TASK}/x.tar.gz",
+            "dcu/reuse/" + "a" * 63 + ".json",
+            "dcu/reuse/" + "A" * 64 + ".json",
+            "dcu/reuse/" + "a" * 64 + ".txt",
+            "dcu/reuse/sub/" + "a" * 64 + ".json",
         ],
     )
     def test_foreign_keys_are_not_dcu_objects(self, name: str) -> None:

@@ -275,3 +275,16 @@ def test_choose_picks_from_a_multi_platform_index() -> None:
     assert pick("linux/aarch64") == 1
     assert pick("linux/arm64/v8") == 1
     assert pick("linux/arm/v7") is None
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"os": "linux", "architecture": "amd64/../x"},
+        {"os": "linux\n", "architecture": "amd64"},
+        {"os": "linux", "architecture": "arm", "variant": "v7 "},
+    ],
+    ids=["slash", "newline", "space"],
+)
+def test_an_index_entry_no_request_could_name_is_skipped(entry) -> None:
+    assert from_descriptor({"platform": entry}) is None
