@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from actors import reuse
 from actors.object_store import S3ObjectStore
 from dcu.settings import MinioSettings
+from events import naming
+from events.reference import parse_reference
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import EventRecorder
 from tests.servers.dcu_process import DcuProcess
@@ -144,15 +147,25 @@ def test_objects_cleanup_removes_an_expired_object(
     name = task["minio_object_name"]
     stored = stat_object(s3_server, bucket, name)
     assert stored is not None
+    # and the reuse pointer its upload left
+    key = reuse.key_for(task["manifest_digest"], parse_reference(task["docker_image_name"]))
+    pointer_name = naming.reuse_pointer_name(MinioSettings().prefix, key)
+    pointer = stat_object(s3_server, bucket, pointer_name)
+    assert pointer is not None
 
     # With a zero retention, an object uploaded before now is expired
     status, body = service.post("/cleanup", {"kind": "objects"})
 
     assert status == 200, body
     payload = body["data"]["payload"]
-    assert (payload["deleted"], payload["bytes_freed"], payload["kept"]) == (1, stored.size, 0)
+    assert (payload["deleted"], payload["bytes_freed"], payload["kept"]) == (
+        2,
+        stored.size + pointer.size,
+        0,
+    )
     assert payload["errors"] == []
     assert stat_object(s3_server, bucket, name) is None
+    assert stat_object(s3_server, bucket, pointer_name) is None
     status, after = service.get(f"/status/{task['task_id']}")
     assert after["data"] == task
 
