@@ -75,6 +75,17 @@ class BlobCache:
         self._dirs()
         return self.root / "tmp" / f"{_hex(digest)}.{uuid.uuid4().hex[:12]}.part"
 
+    def drop_parts(self, digest: str) -> int:
+        """Remove ``digest``'s ``.part`` files; call it holding the blob's fetch lock, when
+        any such file is a dead fetch's (a killed worker's) and no live one's."""
+        removed = 0
+        for part in (self.root / "tmp").glob(f"{_hex(digest)}.*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                if part.is_file() and not part.is_symlink():
+                    part.unlink()
+                    removed += 1
+        return removed
+
     def commit(self, part: Path, digest: str) -> Path:
         """Move a verified ``part`` into place atomically; a concurrent copy already there
         wins (same content) and ``part`` is dropped."""

@@ -350,6 +350,8 @@ class RegistryEngine:
                     return 0, descriptor.size
                 except FileNotFoundError:
                     pass  # evicted between the lookup and the link: fetch it again
+            if dropped := await asyncio.to_thread(self.cache.drop_parts, descriptor.digest):
+                log.info("removed %d unfinished fetch(es) of %s", dropped, descriptor.digest)
             part = self.cache.part(descriptor.digest)
             try:
                 fetched = await self.client.fetch_blob(

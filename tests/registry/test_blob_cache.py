@@ -92,3 +92,13 @@ def test_stale_parts_are_swept_and_young_ones_kept(tmp_path: Path) -> None:
 def test_only_sha256_digests_name_entries(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError):
         BlobCache(tmp_path, 1).path(bad)
+
+
+def test_a_dead_fetchs_parts_are_dropped_and_others_kept(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache", max_bytes=1 << 20)
+    dead = cache.part(digest_of(b"x"))
+    dead.write_bytes(b"half")
+    other = cache.part(digest_of(b"y"))
+    other.write_bytes(b"another blob's")
+    assert cache.drop_parts(digest_of(b"x")) == 1
+    assert not dead.exists() and other.exists()
