@@ -237,7 +237,8 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     From a registry download the archive is spliced: gzip layer blobs are copied verbatim
     and only headers (and non-gzip layers) are compressed. From an engine's tar the whole
     tar is gzipped. A reused download writes nothing. The task's work directory is removed
-    afterwards. Returns None (doing nothing) when the compression already completed.
+    once ``compressed`` is published. Returns None (doing nothing) when the compression
+    already completed.
     """
     assert isinstance(event.payload, Downloaded)
     payload = event.payload
@@ -319,8 +320,7 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
         seconds,
         bytes_in / 1e6 / seconds if seconds > 0 else 0.0,
     )
-    _remove_work_dir(task_dir)
-    return await ctx.complete(
+    completed = await ctx.complete(
         task_id,
         Compressed(
             docker_image_name=str(ref),
@@ -336,6 +336,11 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
             platform=payload.platform,
         ),
     )
+    # Only once ``compressed`` is stored: a redelivery before that point must still find
+    # its input (a redelivery after it stops at ``already_done``; the cleanup's sweep of
+    # abandoned work directories takes what such a crash leaves).
+    _remove_work_dir(task_dir)
+    return completed
 
 
 async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | None:

@@ -27,6 +27,10 @@ async def read_object(request: web.Request, expected: str = "a JSON object") -> 
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("request body is nested too deeply") from None
+    except ValueError:  # an integer literal past Python's digit limit for int()
+        raise InvalidInput("request body holds a number too long to read") from None
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
     return data

@@ -133,6 +133,8 @@ def parse_query(params: Mapping[str, str], max_page_size: int) -> QueryParams:
     image = params.get("docker_image_name") or None
     if image is not None and len(image) > 500:
         raise InvalidInput("docker_image_name filter is longer than 500 characters")
+    if image is not None and not image.isprintable():  # NUL included: no driver sees it
+        raise InvalidInput("docker_image_name filter contains control characters")
     username = params.get("username") or None
     if username is not None:
         username = check_username(username)

@@ -40,6 +40,18 @@ def assert_envelope(status: int, body: dict, expected_status: int, fragment: str
         pytest.param(b"", 400, "empty", id="empty-body"),
         pytest.param(b"[1, 2]", 400, "JSON object", id="array-body"),
         pytest.param(
+            b'{"username": "u", "docker_image_name": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            400,
+            "nested too deeply",
+            id="deep-nesting",
+        ),
+        pytest.param(
+            b'{"username": "u", "docker_image_name": "nginx", "n": ' + b"7" * 5001 + b"}",
+            400,
+            "number too long",
+            id="huge-integer",
+        ),
+        pytest.param(
             b'{"username": "u"}', 400, "missing field: docker_image_name", id="missing-image"
         ),
         pytest.param(
@@ -156,6 +168,13 @@ def test_bad_requests_create_no_task(dcu_service: DcuProcess) -> None:
         ),
         pytest.param("GET", "/query?page=abc", 400, "page must be an integer", id="page-text"),
         pytest.param("GET", "/query?state=running", 400, "is not one of", id="unknown-state"),
+        pytest.param(
+            "GET",
+            "/query?docker_image_name=ng%00inx",
+            400,
+            "control characters",
+            id="nul-in-filter",
+        ),
         pytest.param("GET", "/nowhere", 404, "Not Found", id="unknown-route"),
         pytest.param("DELETE", "/health", 405, "Method Not Allowed", id="wrong-method"),
     ],
@@ -210,3 +229,20 @@ def test_empty_query_is_a_page_of_nothing(dcu_service: DcuProcess) -> None:
     status, body = dcu_service.get("/query?username=nobody-at-all")
     assert status == 200
     assert body["data"] == {"total": 0, "items": []}
+
+
+@pytest.mark.parametrize("path", ["/start", "/cleanup"])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        pytest.param(b'{"kind": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested", id="deep"),
+        pytest.param(b'{"kind": ' + b"9" * 5001 + b"}", "number too long", id="huge-int"),
+    ],
+)
+def test_hostile_bodies_are_a_400_on_every_post(
+    dcu_service: DcuProcess, path: str, data: bytes, fragment: str
+) -> None:
+    # Bodies far under the size limit that used to escape as 500s with a traceback
+    code, body = raw_request(dcu_service, "POST", path, data)
+    assert_envelope(code, body, 400, fragment)
+    assert "Traceback" not in dcu_service.log.read_text()
