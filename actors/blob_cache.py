@@ -144,7 +144,7 @@ class BlobCache:
 
     def evict(self, max_bytes: int | None = None) -> Eviction:
         """Unlink least-recently-used blobs until the cache holds at most ``max_bytes``
-        (default ``cache_max_bytes``); sweeps ``.part`` files older than a day."""
+        (default ``cache_max_bytes``); sweeps ``.part`` and lock files older than a day."""
         limit = self.max_bytes if max_bytes is None else max_bytes
         blobs = self.root / "sha256"
         entries: list[tuple[float, int, Path]] = []
@@ -167,13 +167,16 @@ class BlobCache:
                 removed += 1
                 freed += size
                 total -= size
-        tmp = self.root / "tmp"
-        if tmp.is_dir():
-            now = time.time()
-            for part in tmp.glob("*.part"):
+        now = time.time()
+        # Old lock files too: removing one a fetch still holds costs at most a duplicate
+        # fetch (both copies are verified and renamed into place atomically).
+        for folder, pattern in (("tmp", "*.part"), ("locks", "*.lock")):
+            if not (self.root / folder).is_dir():
+                continue
+            for stale in (self.root / folder).glob(pattern):
                 with contextlib.suppress(FileNotFoundError):
-                    if now - part.lstat().st_mtime > _STALE_PART_SECONDS:
-                        part.unlink()
+                    if now - stale.lstat().st_mtime > _STALE_PART_SECONDS:
+                        stale.unlink()
         if removed:
             log.info(
                 "blob cache: evicted %d blobs (%d bytes); %d bytes kept", removed, freed, total
