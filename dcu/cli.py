@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -62,6 +63,11 @@ async def _run(
     workers: StageWorkers | None = None
     runner: web.AppRunner | None = None
     stop = asyncio.Event()
+    # Handled from here on, not only once every role is up: a SIGTERM while the roles
+    # start (slow on a loaded host) still stops the process cleanly, with exit code 0.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     timer_task: asyncio.Task[None] | None = None
     exit_code = 0
     try:
