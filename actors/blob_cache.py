@@ -30,6 +30,7 @@ from pathlib import Path
 
 from actors.archive import LayerInfo
 from dcu.errors import StorageError
+from events.naming import is_sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Eviction:
 
 def _hex(digest: str) -> str:
     algorithm, _, value = digest.partition(":")
-    if algorithm != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef" for c in value):
+    if algorithm != "sha256" or not is_sha256_hex(value):
         raise ValueError(f"not a sha256 digest: {digest[:80]!r}")
     return value
 
@@ -70,6 +71,11 @@ class BlobCache:
         except FileNotFoundError:
             return None
         return path
+
+    def lock_path(self, digest: str) -> Path:
+        """The file whose ``flock`` the fetcher of ``digest`` holds."""
+        self._dirs()
+        return self.root / "locks" / f"{_hex(digest)}.lock"
 
     def part(self, digest: str) -> Path:
         self._dirs()

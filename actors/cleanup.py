@@ -57,7 +57,7 @@ from events.cleanup import (
     object_prefix,
     select_expired,
 )
-from events.naming import PLAN_FILE
+from events.naming import PLAN_FILE, is_sha256_hex
 from events.schema import DecodeError, utcnow
 
 log = logging.getLogger(__name__)
@@ -216,10 +216,6 @@ def _clean_archives(
     _each_task_dir(root, "gzip", result, visit)
 
 
-def _is_blob_name(name: str) -> bool:
-    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
-
-
 def _clean_blob_links(task_fd: int, task_id: str, result: CleanupResult) -> int:
     """Remove an abandoned task's ``blobs/<hex>`` links (the shared cache keeps its own
     names) and the directory; never follows a link."""
@@ -234,7 +230,7 @@ def _clean_blob_links(task_fd: int, task_id: str, result: CleanupResult) -> int:
             result.error(f"work {task_id}/{BLOBS_DIR}: {_reason(exc)}")
         return 0
     try:
-        files = _files(blobs_fd, _is_blob_name, result)
+        files = _files(blobs_fd, is_sha256_hex, result)
         removed = sum(_unlink(blobs_fd, task_id, entry, result) for entry in files)
     finally:
         os.close(blobs_fd)

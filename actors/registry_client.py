@@ -399,12 +399,7 @@ class RegistryClient:
                 send["Authorization"] = authorization
             try:
                 response = await self.session.get(url, headers=send, allow_redirects=False)
-            except ForbiddenTarget:
-                raise
-            except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, ForbiddenTarget):
-                    raise exc.os_error from None
-                raise _Transient(f"{what}: {_describe(exc)}") from None
+            # (GuardedResolver's ForbiddenTarget comes through aiohttp as it is)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise _Transient(f"{what}: {_describe(exc)}") from None
             try:

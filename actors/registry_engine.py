@@ -315,9 +315,7 @@ class RegistryEngine:
 
     @contextlib.asynccontextmanager
     async def _fetch_lock(self, digest: str) -> AsyncIterator[None]:
-        self.cache.root.mkdir(parents=True, exist_ok=True)
-        (self.cache.root / "locks").mkdir(exist_ok=True)
-        lock = self.cache.root / "locks" / f"{digest.partition(':')[2]}.lock"
+        lock = await asyncio.to_thread(self.cache.lock_path, digest)
         handle = await asyncio.to_thread(lock.open, "a")
         try:
             # Polled rather than blocking in a thread: waiters must not fill the default

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from actors.object_store import ObjectStore
+from actors.object_store import ObjectInfo, ObjectStore
 from actors.registry_engine import ResolvedImage, repo_tags, reuse_key
 from dcu.errors import StorageError
 from events.naming import UnsafeName, reuse_pointer_name
@@ -59,32 +59,27 @@ async def find(
         return None
     if info is None:
         return None
-    meta = info.metadata
     if (
-        meta.get("dcu-reuse-key") != key
+        info.metadata.get("dcu-reuse-key") != key
         or info.size != pointer.get("size")
-        or meta.get("dcu-sha256") != pointer.get("sha256")
-        or not meta.get("dcu-image-id")
+        or info.metadata.get("dcu-sha256") != pointer.get("sha256")
+        or not info.metadata.get("dcu-image-id")
     ):
         log.info("reuse pointer %s names %s, which no longer matches; packaging again", key, name)
         return None
-    return Reusable(
-        object=name,
-        image_id=meta["dcu-image-id"],
-        sha256=meta["dcu-sha256"],
-        size=info.size,
-        platform=meta.get("dcu-platform"),
-    )
+    return _reusable(info)
 
 
 async def describe(store: ObjectStore, name: str) -> Reusable | None:
     """Size and checksum of a reused object, from its metadata (None when it is gone)."""
     info = await store.stat(name)
-    if info is None:
-        return None
+    return None if info is None else _reusable(info)
+
+
+def _reusable(info: ObjectInfo) -> Reusable:
     meta = info.metadata
     return Reusable(
-        object=name,
+        object=info.name,
         image_id=meta.get("dcu-image-id", ""),
         sha256=meta.get("dcu-sha256", ""),
         size=info.size,

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from croniter import CroniterError, croniter
 
+from events.naming import is_sha256_hex
 from events.schema import (
     SCHEMA_VERSION,
     DecodeError,
@@ -389,12 +390,7 @@ def is_dcu_object(name: str, prefix: str) -> bool:
         return False
     parts = name[len(base) :].split("/")
     if len(parts) == 2 and parts[0] == "reuse":
-        key = parts[1].removesuffix(".json")
-        return (
-            parts[1].endswith(".json")
-            and len(key) == 64
-            and all(c in "0123456789abcdef" for c in key)
-        )
+        return parts[1].endswith(".json") and is_sha256_hex(parts[1].removesuffix(".json"))
     return (
         len(parts) == 2
         and is_task_id(parts[0])

@@ -61,12 +61,18 @@ def work_tar_path(work_root: Path, task_id: str) -> Path:
     return work_root / check_task_id(task_id) / "image.tar"
 
 
+def _prefix_parts(prefix: str) -> list[str]:
+    return [p for p in prefix.split("/") if p and p not in {".", ".."}]
+
+
 def object_name(prefix: str, task_id: str, reference: str) -> str:
     """``dcu/<task_id>/nginx_latest.tar.gz``: one object per task, with a readable name."""
-    clean_prefix = "/".join(p for p in prefix.split("/") if p and p not in {".", ".."})
-    parts = [clean_prefix] if clean_prefix else []
-    parts += [check_task_id(task_id), archive_file_name(reference)]
-    return "/".join(parts)
+    return "/".join([*_prefix_parts(prefix), check_task_id(task_id), archive_file_name(reference)])
+
+
+def is_sha256_hex(text: str) -> bool:
+    """64 lower-case hex digits: a sha256 as DCU names blobs, reuse keys and cache files."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def inside(root: Path, candidate: Path) -> bool:
@@ -81,7 +87,6 @@ def inside(root: Path, candidate: Path) -> bool:
 def reuse_pointer_name(prefix: str, key: str) -> str:
     """``dcu/reuse/<key>.json``: the pointer from an archive's content key (64 hex, see
     ``actors.registry_engine.reuse_key``) to the object that holds that archive."""
-    if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+    if not is_sha256_hex(key):
         raise UnsafeName(f"reuse key {key[:80]!r} is not 64 hex digits")
-    clean_prefix = "/".join(p for p in prefix.split("/") if p and p not in {".", ".."})
-    return "/".join([*([clean_prefix] if clean_prefix else []), "reuse", f"{key}.json"])
+    return "/".join([*_prefix_parts(prefix), "reuse", f"{key}.json"])

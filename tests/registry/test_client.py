@@ -58,6 +58,17 @@ async def servers() -> AsyncIterator[list[TestServer]]:
             await server.close()
 
 
+@pytest.fixture
+async def clients() -> AsyncIterator[list[RegistryClient]]:
+    """Clients a test opens (append them); closed when it ends."""
+    opened: list[RegistryClient] = []
+    try:
+        yield opened
+    finally:
+        for client in opened:
+            await client.close()
+
+
 def _client(host: str, *, credentials: bool = False, **download: Any) -> RegistryClient:
     docker = DockerSettings(
         registries=(
@@ -168,11 +179,17 @@ class FakeDnsAnswering:
         return None
 
 
-async def test_a_name_resolving_to_link_local_is_refused_after_resolution() -> None:
-    resolver = GuardedResolver()
+async def test_a_name_resolving_to_link_local_is_refused_after_resolution(clients) -> None:
+    # Given the client's own connector, its DNS answering with the metadata address
+    client = _client("innocent.example")
+    clients.append(client)
+    resolver = client.session.connector._resolver  # type: ignore[union-attr]
+    assert isinstance(resolver, GuardedResolver)
     resolver._inner = FakeDnsAnswering("169.254.169.254")  # type: ignore[assignment]
+    # When a registry of that name is asked, Then no connection is made to it
     with pytest.raises(ForbiddenTarget, match="metadata"):
-        await resolver.resolve("innocent.example", 80)
+        await client.get_manifest(client.endpoint("innocent.example"), "app", "1", "*/*")
+    # And an ordinary answer passes the same resolver
     resolver._inner = FakeDnsAnswering("127.0.0.1")  # type: ignore[assignment]
     assert (await resolver.resolve("innocent.example", 80))[0]["host"] == "127.0.0.1"
 
@@ -180,7 +197,7 @@ async def test_a_name_resolving_to_link_local_is_refused_after_resolution() -> N
 # --- against servers ----------------------------------------------------------------
 
 
-async def test_broken_blob_transfer_resumes_with_range(servers, tmp_path: Path) -> None:
+async def test_broken_blob_transfer_resumes_with_range(servers, clients, tmp_path: Path) -> None:
     # Given a registry whose first blob response stops half-way
     seen_ranges: list[str | None] = []
 
@@ -205,14 +222,12 @@ async def test_broken_blob_transfer_resumes_with_range(servers, tmp_path: Path) 
     server = await _serve(handler)
     servers.append(server)
     client = _client(_host(server))
-    try:
-        # When the blob is fetched
-        dest = tmp_path / "blob"
-        got = await client.fetch_blob(
-            client.endpoint(_host(server)), "team/app", DIGEST, len(BLOB), dest
-        )
-    finally:
-        await client.close()
+    clients.append(client)
+    # When the blob is fetched
+    dest = tmp_path / "blob"
+    got = await client.fetch_blob(
+        client.endpoint(_host(server)), "team/app", DIGEST, len(BLOB), dest
+    )
     # Then the second request asked for the rest only, and the result is whole
     assert seen_ranges[0] is None
     assert seen_ranges[1] is not None and seen_ranges[1].startswith("bytes=")
@@ -221,23 +236,23 @@ async def test_broken_blob_transfer_resumes_with_range(servers, tmp_path: Path) 
     assert dest.read_bytes() == BLOB
 
 
-async def test_a_blob_that_does_not_match_its_digest_is_refused(servers, tmp_path: Path) -> None:
+async def test_a_blob_that_does_not_match_its_digest_is_refused(
+    servers, clients, tmp_path: Path
+) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.Response(body=b"X" + BLOB[1:])
 
     server = await _serve(handler)
     servers.append(server)
     client = _client(_host(server))
-    try:
-        with pytest.raises(RegistryRefused, match="does not match its digest"):
-            await client.fetch_blob(
-                client.endpoint(_host(server)), "app", DIGEST, len(BLOB), tmp_path / "b"
-            )
-    finally:
-        await client.close()
+    clients.append(client)
+    with pytest.raises(RegistryRefused, match="does not match its digest"):
+        await client.fetch_blob(
+            client.endpoint(_host(server)), "app", DIGEST, len(BLOB), tmp_path / "b"
+        )
 
 
-async def test_redirect_to_storage_drops_credentials(servers, tmp_path: Path) -> None:
+async def test_redirect_to_storage_drops_credentials(servers, clients, tmp_path: Path) -> None:
     # Given a registry that wants basic auth and sends blob GETs to storage elsewhere
     storage_headers: list[dict[str, str]] = []
 
@@ -258,19 +273,17 @@ async def test_redirect_to_storage_drops_credentials(servers, tmp_path: Path) ->
     server = await _serve(registry)
     servers.append(server)
     client = _client(_host(server), credentials=True)
-    try:
-        # When the blob is fetched with credentials
-        dest = tmp_path / "blob"
-        await client.fetch_blob(client.endpoint(_host(server)), "app", DIGEST, len(BLOB), dest)
-    finally:
-        await client.close()
+    clients.append(client)
+    # When the blob is fetched with credentials
+    dest = tmp_path / "blob"
+    await client.fetch_blob(client.endpoint(_host(server)), "app", DIGEST, len(BLOB), dest)
     # Then storage got the request, but never the registry's credentials
     assert len(storage_headers) == 1
     assert "Authorization" not in storage_headers[0]
     assert dest.read_bytes() == BLOB
 
 
-async def test_redirect_to_metadata_address_is_refused(servers, tmp_path: Path) -> None:
+async def test_redirect_to_metadata_address_is_refused(servers, clients, tmp_path: Path) -> None:
     async def registry(request: web.Request) -> web.StreamResponse:
         return web.Response(
             status=302, headers={"Location": "http://169.254.169.254/latest/meta-data/"}
@@ -279,16 +292,14 @@ async def test_redirect_to_metadata_address_is_refused(servers, tmp_path: Path) 
     server = await _serve(registry)
     servers.append(server)
     client = _client(_host(server))
-    try:
-        with pytest.raises(ForbiddenTarget, match="link-local"):
-            await client.fetch_blob(
-                client.endpoint(_host(server)), "app", DIGEST, len(BLOB), tmp_path / "b"
-            )
-    finally:
-        await client.close()
+    clients.append(client)
+    with pytest.raises(ForbiddenTarget, match="link-local"):
+        await client.fetch_blob(
+            client.endpoint(_host(server)), "app", DIGEST, len(BLOB), tmp_path / "b"
+        )
 
 
-async def test_token_realm_on_metadata_address_is_refused(servers) -> None:
+async def test_token_realm_on_metadata_address_is_refused(servers, clients) -> None:
     async def registry(request: web.Request) -> web.StreamResponse:
         return web.Response(
             status=401,
@@ -298,14 +309,12 @@ async def test_token_realm_on_metadata_address_is_refused(servers) -> None:
     server = await _serve(registry)
     servers.append(server)
     client = _client(_host(server), credentials=True)
-    try:
-        with pytest.raises(ForbiddenTarget, match="link-local"):
-            await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")
-    finally:
-        await client.close()
+    clients.append(client)
+    with pytest.raises(ForbiddenTarget, match="link-local"):
+        await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")
 
 
-async def test_credentials_go_only_to_a_trusted_realm(servers) -> None:
+async def test_credentials_go_only_to_a_trusted_realm(servers, clients) -> None:
     # Given a registry whose token realm is on another host
     realm_headers: list[dict[str, str]] = []
 
@@ -332,23 +341,19 @@ async def test_credentials_go_only_to_a_trusted_realm(servers) -> None:
     host = _host(server)
     # When DCU pulls with credentials configured for the registry
     client = _client(host, credentials=True)
-    try:
-        await client.get_manifest(client.endpoint(host), "app", "1.0", "*/*")
-    finally:
-        await client.close()
+    clients.append(client)
+    await client.get_manifest(client.endpoint(host), "app", "1.0", "*/*")
     # Then the realm was asked for a token, without the registry's credentials
     assert len(realm_headers) == 1
     assert "Authorization" not in realm_headers[0]
     # And once the realm is listed in download.token_realms, it gets them
     client = _client(host, credentials=True, token_realms=[_host(realm_server)])
-    try:
-        await client.get_manifest(client.endpoint(host), "app", "1.0", "*/*")
-    finally:
-        await client.close()
+    clients.append(client)
+    await client.get_manifest(client.endpoint(host), "app", "1.0", "*/*")
     assert realm_headers[-1].get("Authorization") == BASIC
 
 
-async def test_realm_outside_the_allow_list_is_refused(servers) -> None:
+async def test_realm_outside_the_allow_list_is_refused(servers, clients) -> None:
     async def registry(request: web.Request) -> web.StreamResponse:
         return web.Response(
             status=401, headers={"WWW-Authenticate": 'Bearer realm="http://127.0.0.3:9/token"'}
@@ -360,28 +365,24 @@ async def test_realm_outside_the_allow_list_is_refused(servers) -> None:
     client = RegistryClient(
         DownloadSettings(request_attempts=1), DockerSettings(allowed_registries=[host])
     )
-    try:
-        with pytest.raises(ForbiddenTarget, match="not allowed"):
-            await client.get_manifest(client.endpoint(host), "app", "1.0", "*/*")
-    finally:
-        await client.close()
+    clients.append(client)
+    with pytest.raises(ForbiddenTarget, match="not allowed"):
+        await client.get_manifest(client.endpoint(host), "app", "1.0", "*/*")
 
 
-async def test_missing_credentials_are_named(servers) -> None:
+async def test_missing_credentials_are_named(servers, clients) -> None:
     async def registry(request: web.Request) -> web.StreamResponse:
         return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
 
     server = await _serve(registry)
     servers.append(server)
     client = _client(_host(server))
-    try:
-        with pytest.raises(RegistryRefused, match="no credentials are configured"):
-            await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")
-    finally:
-        await client.close()
+    clients.append(client)
+    with pytest.raises(RegistryRefused, match="no credentials are configured"):
+        await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")
 
 
-async def test_server_errors_are_retried_then_reported(servers, monkeypatch) -> None:
+async def test_server_errors_are_retried_then_reported(servers, clients, monkeypatch) -> None:
     monkeypatch.setattr(registry_client, "_BACKOFF_FIRST", 0.01)
     calls = 0
 
@@ -393,23 +394,19 @@ async def test_server_errors_are_retried_then_reported(servers, monkeypatch) -> 
     server = await _serve(registry)
     servers.append(server)
     client = _client(_host(server))
-    try:
-        with pytest.raises(RegistryUnavailable, match="after 3 attempts"):
-            await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")
-    finally:
-        await client.close()
+    clients.append(client)
+    with pytest.raises(RegistryUnavailable, match="after 3 attempts"):
+        await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")
     assert calls == 3
 
 
-async def test_unknown_manifest_is_image_not_found(servers) -> None:
+async def test_unknown_manifest_is_image_not_found(servers, clients) -> None:
     async def registry(request: web.Request) -> web.StreamResponse:
         return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
 
     server = await _serve(registry)
     servers.append(server)
     client = _client(_host(server))
-    try:
-        with pytest.raises(ImageNotFound, match="not found"):
-            await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")
-    finally:
-        await client.close()
+    clients.append(client)
+    with pytest.raises(ImageNotFound, match="not found"):
+        await client.get_manifest(client.endpoint(_host(server)), "app", "1.0", "*/*")

@@ -71,17 +71,21 @@ class Registry:
     def config(self) -> Path:
         return self.root / "registry.yml"
 
+    def registry_config(self) -> dict[str, Any]:
+        """The registry's configuration (subclasses add sections)."""
+        return {
+            "version": 0.1,
+            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage)},
+                "delete": {"enabled": True},
+            },
+            "http": {"addr": self.address},
+        }
+
     def start(self) -> Registry:
         self.storage.mkdir(parents=True, exist_ok=True)
-        # JSON is YAML; json.dumps quotes the paths safely.
-        self.config.write_text(
-            "version: 0.1\n"
-            "log: {level: warn, accesslog: {disabled: true}}\n"
-            "storage:\n"
-            f"  filesystem: {{rootdirectory: {json.dumps(str(self.storage))}}}\n"
-            "  delete: {enabled: true}\n"
-            f"http: {{addr: {json.dumps(self.address)}}}\n"
-        )
+        self.config.write_text(json.dumps(self.registry_config(), indent=2))  # JSON is YAML
         log = self.root / "registry.log"
         self.process = ManagedProcess([registry_binary(), "serve", str(self.config)], log=log)
         try:
@@ -98,6 +102,10 @@ class Registry:
                 f"docker-registry exited with {self.process.proc.returncode}\n"
                 + self.process.log.read_text(errors="replace")[-3000:]
             )
+        return self._answers()
+
+    def _answers(self) -> bool:
+        """Whether the registry's API answers as this kind of registry should."""
         return http_status(f"{self.url}/v2/") == 200
 
     def catalog(self) -> list[str]:

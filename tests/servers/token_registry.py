@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.servers.base import ManagedProcess, ServerStartError, free_port, wait_until
+from tests.servers.base import free_port
 from tests.servers.oci import auth_headers, fetch_manifest, request
-from tests.servers.registry import Registry, registry_binary
+from tests.servers.registry import Registry
 
 ALLOW_FOREIGN_URLS: Mapping[str, Any] = {
     "validation": {"manifests": {"urls": {"allow": ["^https?://"]}}}
@@ -64,28 +64,7 @@ class ConfiguredRegistry(Registry):
     extra_config: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
 
     def registry_config(self) -> dict[str, Any]:
-        return {
-            "version": 0.1,
-            "log": {"level": "warn", "accesslog": {"disabled": True}},
-            "storage": {
-                "filesystem": {"rootdirectory": str(self.storage)},
-                "delete": {"enabled": True},
-            },
-            "http": {"addr": self.address},
-            **self.extra_config,
-        }
-
-    def start(self) -> ConfiguredRegistry:
-        self.storage.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps(self.registry_config(), indent=2))  # JSON is YAML
-        log = self.root / "registry.log"
-        self.process = ManagedProcess([registry_binary(), "serve", str(self.config)], log=log)
-        try:
-            wait_until(self._ready, timeout=30, what="docker-registry", log=log)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return {**super().registry_config(), **self.extra_config}
 
 
 # --- the token server -----------------------------------------------------------------
@@ -433,13 +412,7 @@ class TokenAuthRegistry(ConfiguredRegistry):
             raise
         return self
 
-    def _ready(self) -> bool:
-        assert self.process is not None
-        if not self.process.alive():
-            raise ServerStartError(
-                f"docker-registry exited with {self.process.proc.returncode}\n"
-                + self.process.log.read_text(errors="replace")[-3000:]
-            )
+    def _answers(self) -> bool:
         try:
             probe = request("GET", f"{self.url}/v2/", timeout=1.0)
         except OSError:
