@@ -39,7 +39,7 @@ from typing import Any
 import dramatiq
 
 from actors.blob_cache import BlobCache
-from actors.broker import JetStreamBroker
+from dramatiq_jetstream import JetStreamBroker
 from actors.object_store import ObjectStore
 from actors.pipeline import Runtime
 from dcu.errors import DcuError, PermanentFailure

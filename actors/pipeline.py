@@ -20,20 +20,26 @@ from typing import Any
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.broker import MessageProxy
-from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries
+from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from actors import stages
-from actors.broker import JetStreamBroker
 from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore, open_store
 from actors.registry_engine import RegistryEngine
 from dcu import bus
 from dcu.errors import BusError, PermanentFailure
 from dcu.settings import Settings
+from dramatiq_jetstream import (
+    DeliveriesExceeded,
+    JetStreamBroker,
+    JetStreamMessageProxy,
+    Retries,
+    SettleLater,
+)
 from events import subjects
 from events.schema import DecodeError, Event, EventType, Failed, Stage, once_per_task_id
 
@@ -157,23 +163,19 @@ class RuntimeLifecycle(Middleware):
 class FailTaskWhenGivenUp(Middleware):
     """Publishes ``failed`` for a task whose stage message failed for good.
 
-    Runs after ``Retries``, which marks the message failed when the error is permanent or
-    the retries are exhausted; a message that will be retried publishes nothing.
+    Runs on ``before_nack``: the message failed with a permanent error, ran out of
+    retries, or was delivered more than ``nats.max_deliver`` times without being settled
+    (its workers kept dying). Publishing ``failed`` is part of that failure path: when it
+    cannot be stored this raises ``SettleLater``, so dramatiq keeps the message and
+    tries the whole nack again a few seconds later; it is dead-lettered only once the
+    task's failure is recorded.
     """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        if exception is None or not getattr(message, "failed", False):
-            return
+    def before_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        exception = getattr(message, "_exception", None)
         task_id = _task_id_of(message)
         if task_id is None:
             log.error("message %s failed for good and names no task: %s", message, exception)
@@ -181,9 +183,8 @@ class FailTaskWhenGivenUp(Middleware):
         stage = message.queue_name.removesuffix(".DQ")
         reason = f"{stage} failed: {exception}"
         retries = message.options.get("retries", 0)
-        if retries:
+        if retries and not isinstance(exception, DeliveriesExceeded):
             reason += f" (after {retries} retries)"
-        log.error("task %s: %s", task_id, reason)
         event = Event(
             task_id=task_id,
             payload=Failed(stage=stage, reason=reason),
@@ -192,8 +193,9 @@ class FailTaskWhenGivenUp(Middleware):
         try:
             _run_on_actor_loop(self.runtime.publish(event))
         except Exception as exc:
-            # The stuck-task detector (persistence) ends such a task later.
-            log.error("task %s: could not publish its failure: %s", task_id, exc)
+            log.error("task %s: cannot publish its failure yet (%s); retrying", task_id, exc)
+            raise SettleLater(f"cannot publish failed for task {task_id}: {exc}") from exc
+        log.error("task %s: %s", task_id, reason)
         if stage in {Stage.DOWNLOAD, Stage.COMPRESS}:
             stages.remove_partial_files_for(self.runtime.settings, task_id)
 
@@ -211,8 +213,6 @@ def build_broker(settings: Settings, nats_url: str, runtime: Runtime) -> JetStre
         AsyncIO(),
         CurrentMessage(),
         RuntimeLifecycle(runtime),
-        # ``after_*`` signals run in reverse order: this must stand before Retries so it
-        # sees the message after Retries has decided whether it failed for good.
         FailTaskWhenGivenUp(runtime),
         Retries(
             max_retries=workers.max_retries,
@@ -246,7 +246,7 @@ def declare_stage(
         if event.type is not trigger:
             raise PermanentFailure(f"{stage} got a {event.type} event, expected {trigger}")
         message = CurrentMessage.get_current_message()
-        attempt = 1 + int(message.options.get("retries", 0)) if message is not None else 1
+        attempt = message.num_delivered if isinstance(message, JetStreamMessageProxy) else 1
         ctx = await runtime.context()
         await work(ctx, event, attempt)
 

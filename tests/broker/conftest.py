@@ -22,7 +22,7 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 from nats.js import api
 
-from actors.broker import JetStreamBroker, durable_name
+from dramatiq_jetstream import JetStreamBroker, durable_name
 from tests.servers.nats import NatsServer
 
 WORKER_TIMEOUT_MS = 250

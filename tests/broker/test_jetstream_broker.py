@@ -7,20 +7,23 @@ replicas, redelivery, keep-alive, per-publish message ids and reconnects.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 import dramatiq
 import pytest
 from dramatiq.errors import ConnectionClosed, ConnectionFailed, QueueJoinTimeout
 from dramatiq.middleware import CurrentMessage
+from nats.js import api
 
-import actors.broker as broker_module
-from actors.broker import DRAMATIQ_HEADER, JetStreamBroker, durable_name
-from tests.broker.conftest import BrokerHarness, JetStreamEnv, Recorder, declare, unique
+import dramatiq_jetstream.broker as broker_module
+from dramatiq_jetstream import JetStreamBroker, durable_name
+from tests.broker.conftest import BrokerHarness, JetStreamEnv, Recorder, declare, run, unique
 from tests.servers.base import free_port
 
 # -- contract: JetStream broker and StubBroker --------------------------------------------
@@ -198,7 +201,7 @@ def test_bound_event_reaches_actor_as_its_single_dict_argument(
     subject = f"{js_env.prefix}.task.t1.downloaded"
     event = {"task_id": "t1", "type": "downloaded", "size": 12, "tags": ["a", "b"]}
 
-    with caplog.at_level(logging.ERROR, logger="actors.broker"):
+    with caplog.at_level(logging.ERROR, logger="dramatiq_jetstream.broker"):
         js_env.tool.publish(subject, b"\x00not json")
         js_env.tool.publish_json(f"{js_env.prefix}.task.t1.uploaded", {"unbound": True})
         js_env.tool.publish_json(subject, event, msg_id="event-1")
@@ -362,7 +365,17 @@ def test_long_work_is_kept_alive_and_not_redelivered(js_env: JetStreamEnv) -> No
     assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
 
 
-def test_each_retry_is_a_separate_publish_with_its_own_msg_id(js_env: JetStreamEnv) -> None:
+def _update_stream(js_env: JetStreamEnv, **changes: Any) -> None:
+    async def update(js: Any) -> None:
+        config = (await js.stream_info(js_env.stream)).config
+        await js.update_stream(dataclasses.replace(config, **changes))
+
+    run(js_env.tool._with_js(update))
+
+
+def test_a_retry_is_a_delayed_nak_that_needs_no_publish(js_env: JetStreamEnv) -> None:
+    """Finding 4: a retry that is a second publish can be refused (stream full) after the
+    original was acked, and the message is lost. A nak with delay writes nothing."""
     broker = js_env.broker()
     queue = unique("q")
     attempts = Recorder()
@@ -373,29 +386,163 @@ def test_each_retry_is_a_separate_publish_with_its_own_msg_id(js_env: JetStreamE
             raise RuntimeError("not yet")
 
     actor = declare(
-        broker,
-        flaky,
-        queue_name=queue,
-        actor_name="flaky",
-        max_retries=2,
-        min_backoff=200,
-        max_backoff=400,
+        broker, flaky, queue_name=queue, actor_name="flaky", max_retries=2, min_backoff=200
+    )
+    message = actor.send()
+    # Given: a stream that refuses every further message.
+    _update_stream(js_env, max_msgs=1, discard=api.DiscardPolicy.NEW)
+    js_env.worker(broker)
+
+    calls = attempts.wait_for(3)
+    broker.join(queue, timeout=10_000)
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(calls)]
+    assert all(gap >= 0.2 for gap in gaps), gaps
+    [stored] = js_env.tool.messages()
+    assert dramatiq.Message.decode(stored.data).message_id == message.message_id
+    info = js_env.tool.consumer_info(queue)
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
+    assert info.delivered.stream_seq == 1 and info.ack_floor.stream_seq == 1
+
+
+class _NackRecorder(dramatiq.Middleware):
+    def __init__(self) -> None:
+        self.nacked = Recorder()
+
+    def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        self.nacked.add(type(message._exception).__name__, str(message._exception))
+
+
+def _take_and_abandon(consumer: Any, broker: JetStreamBroker) -> Any:
+    """Fetch the next message and forget it, as a SIGKILLed worker would."""
+    taken = None
+    deadline = time.monotonic() + 15
+    while taken is None and time.monotonic() < deadline:
+        taken = next(consumer)
+    assert taken is not None
+    with broker._lock:
+        broker._outstanding.clear()
+    return taken
+
+
+def test_a_message_past_max_deliver_is_failed_and_dead_lettered(js_env: JetStreamEnv) -> None:
+    """Finding 5: JetStream's own max_deliver drops a message silently; the broker counts
+    deliveries and hands the message to middleware and the dead letters instead."""
+    queue = unique("q")
+    dying = js_env.broker(ack_wait=0.5, max_deliver=2)
+    declare(dying, lambda value: None, queue_name=queue, actor_name="work")
+    dying.enqueue(
+        dramatiq.Message(queue_name=queue, actor_name="work", args=("x",), kwargs={}, options={})
+    )
+    consumer = dying.consume(queue, prefetch=5, timeout=1000)
+    # Given: two workers died holding the message.
+    assert _take_and_abandon(consumer, dying).num_delivered == 1
+    assert _take_and_abandon(consumer, dying).num_delivered == 2
+    consumer.close()
+    survivor = js_env.broker(ack_wait=0.5, max_deliver=2)
+    nacks = _NackRecorder()
+    survivor.add_middleware(nacks)
+    ran = Recorder()
+    declare(survivor, lambda value: ran.add(value), queue_name=queue, actor_name="work")
+    js_env.worker(survivor)
+
+    [(_, kind, reason)] = nacks.nacked.wait_for(1)
+    survivor.join(queue, timeout=10_000)
+    assert kind == "DeliveriesExceeded" and "max_deliver=2" in reason
+    assert len(ran) == 0
+    [dead] = js_env.tool.messages(f"{js_env.prefix}.dead.{queue}")
+    assert dead.json()["error"].startswith("DeliveriesExceeded: delivered 2 times")
+    assert dead.json()["num_delivered"] == 3
+    info = js_env.tool.consumer_info(queue)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    assert info.config.max_deliver == -1
+
+
+def test_a_refused_dead_letter_is_retried_not_terminated(js_env: JetStreamEnv) -> None:
+    """Finding 5: when the dead-letter publish fails the message must not be terminated."""
+    broker = js_env.broker(ack_wait=1.0)
+    queue = unique("q")
+    attempts = Recorder()
+
+    def doomed():
+        attempts.add()
+        raise ValueError("boom")
+
+    actor = declare(broker, doomed, queue_name=queue, actor_name="doomed", max_retries=0)
+    actor.send()
+    _update_stream(js_env, max_msgs=1, discard=api.DiscardPolicy.NEW)
+    consumer = broker.consume(queue, prefetch=1, timeout=1000)
+    proxy = None
+    while proxy is None:
+        proxy = next(consumer)
+    proxy.stuff_exception(ValueError("boom"))
+
+    with pytest.raises(ConnectionClosed):
+        consumer.nack(proxy)
+    assert js_env.tool.messages(f"{js_env.prefix}.dead.>") == []
+    assert js_env.tool.consumer_info(queue).num_ack_pending == 1
+
+    _update_stream(js_env, max_msgs=-1)
+    consumer.nack(proxy)
+    [dead] = js_env.tool.messages(f"{js_env.prefix}.dead.{queue}")
+    assert dead.json()["error"] == "ValueError: boom"
+    info = js_env.tool.consumer_info(queue)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    consumer.close()
+
+
+def test_an_ack_to_a_deleted_durable_is_final_and_logged_once(
+    js_env: JetStreamEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 8: "no responders" meant ConnectionClosed and a retry every 5 s, forever."""
+    broker = js_env.broker(ack_wait=30.0)
+    queue = unique("q")
+    actor = declare(broker, lambda: None, queue_name=queue, actor_name="work")
+    actor.send()
+    actor.send()
+    consumer = broker.consume(queue, prefetch=2, timeout=1000)
+    taken = []
+    while len(taken) < 2:
+        if (proxy := next(consumer)) is not None:
+            taken.append(proxy)
+
+    async def delete(js: Any) -> None:
+        await js.delete_consumer(js_env.stream, durable_name(queue))
+
+    run(js_env.tool._with_js(delete))
+    with caplog.at_level(logging.WARNING, logger="dramatiq_jetstream.broker"):
+        consumer.ack(taken[0])
+        consumer.requeue([taken[1]])
+
+    gone = [r for r in caplog.records if "is gone" in r.getMessage()]
+    assert len(gone) == 1 and durable_name(queue) in gone[0].getMessage()
+    assert broker._outstanding == {}
+    consumer.close()
+
+
+def test_events_bound_from_another_stream_and_queue_messages_both_arrive(
+    js_env: JetStreamEnv,
+) -> None:
+    audit = unique("AUDIT")
+    events = f"{js_env.prefix}x"
+    run(js_env.tool._with_js(lambda js: js.add_stream(name=audit, subjects=[f"{events}.>"])))
+    broker = js_env.broker()
+    queue = unique("q")
+    received = Recorder()
+    broker.bind_events(queue, "handle", [f"{events}.task.*.requested"], stream=audit)
+    actor = declare(
+        broker, lambda value: received.add(value), queue_name=queue, actor_name="handle"
     )
     js_env.worker(broker)
 
-    message = actor.send()
+    js_env.tool.publish_json(f"{events}.task.t1.requested", {"task_id": "t1"})
+    actor.send("direct")
 
-    attempts.wait_for(3)
+    calls = received.wait_for(2)
+    assert sorted(str(value) for _, value in calls) == ["direct", "{'task_id': 't1'}"]
     broker.join(queue, timeout=10_000)
-    stored = js_env.tool.messages(f"{js_env.prefix}.queue.{queue}.>") + js_env.tool.messages(
-        f"{js_env.prefix}.queue.{queue}"
-    )
-    # One send plus, per retry, one publish to the delay queue and one back to the queue.
-    assert len(stored) == 5
-    assert sorted(m.subject.endswith(".DQ") for m in stored) == [False] * 3 + [True] * 2
-    assert len({m.headers["Nats-Msg-Id"] for m in stored}) == 5
-    assert all(m.headers[DRAMATIQ_HEADER] == "1" for m in stored)
-    assert {dramatiq.Message.decode(m.data).message_id for m in stored} == {message.message_id}
+    info = run(js_env.tool._with_js(lambda js: js.consumer_info(audit, durable_name(queue))))
+    assert info.config.filter_subjects == [f"{events}.task.*.requested"]
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
 
 
 def test_worker_stop_hands_prefetched_messages_back_at_once(js_env: JetStreamEnv) -> None:

@@ -1,11 +1,12 @@
 """A dramatiq broker on NATS JetStream.
 
-Dramatiq's own brokers own their queues; here every queue is a view onto one JetStream
-stream that the caller created beforehand and that covers ``<prefix>.>``. The broker owns
-one nats-py client on its own event-loop thread; dramatiq's threads (consumer threads,
-worker threads, callers of ``Actor.send``) hop onto that loop and wait for the result, and
-every nats-py error becomes ``dramatiq.errors.ConnectionClosed`` (``ConnectionFailed``
-when the first connection cannot be opened) at this boundary.
+Dramatiq's own brokers own their queues; here every queue is a view onto a JetStream
+stream that the caller created beforehand and that covers ``<prefix>.queue.>`` (and
+``<prefix>.dead.>``). The broker owns one nats-py client on its own event-loop thread;
+dramatiq's threads (consumer threads, worker threads, callers of ``Actor.send``) hop onto
+that loop and wait for the result, and every nats-py error becomes
+``dramatiq.errors.ConnectionClosed`` (``ConnectionFailed`` when the first connection
+cannot be opened) at this boundary.
 
 How dramatiq's concepts map onto JetStream:
 
@@ -14,20 +15,32 @@ dramatiq               JetStream
 =====================  =================================================================
 queue ``q``            subject ``<prefix>.queue.q`` (dramatiq-encoded messages, marked
                        with the ``Dramatiq-Message`` header) plus any event subjects bound
-                       with :meth:`JetStreamBroker.bind_events`
-consumer of ``q``      the durable pull consumer ``durable_name("q")`` with explicit ack,
-                       ``ack_wait``, ``max_deliver`` and ``filter_subjects`` = the queue
-                       subject and the bound event subjects.  Every replica that declares
-                       ``q`` fetches from that one durable, so work is split between them;
+                       with :meth:`JetStreamBroker.bind_events`, which may live in another
+                       stream
+consumer of ``q``      the durable pull consumer ``durable_name("q")`` with explicit ack
+                       and ``ack_wait`` on the broker's stream (queue subject and bound
+                       events of that stream) and, for events bound from another stream,
+                       a durable of the same name there.  Every replica that declares
+                       ``q`` fetches from those durables, so work is split between them;
                        another queue bound to the same events is another durable and gets
                        its own copy of each event (fan-out)
-delay queue ``q.DQ``   subject ``<prefix>.queue.q.DQ`` and its own durable.  As in
-                       dramatiq's other brokers, a delayed message carries
-                       ``options["eta"]``; the worker holds it in memory until the eta
-                       passes, enqueues it on ``q`` and then acks it on ``q.DQ``
+retry                  ``-NAK`` with a delay (:class:`dramatiq_jetstream.Retries`): the
+                       same stored message comes back after the backoff, and the retry
+                       count is JetStream's delivery count.  Nothing is re-published, so
+                       there is no second write that could fail on its own
+delay queue ``q.DQ``   subject ``<prefix>.queue.q.DQ`` and its own durable, for messages
+                       sent with a delay.  As in dramatiq's other brokers, a delayed
+                       message carries ``options["eta"]``; the worker holds it in memory
+                       until the eta passes, enqueues it on ``q`` and then acks it
 dead-letter queue      subject ``<prefix>.dead.q``: ``nack`` publishes a JSON document
                        with the message and its failure, then terminates the JetStream
-                       message (``+TERM``) so it is never redelivered
+                       message (``+TERM``).  If the publish fails the message is not
+                       terminated and dramatiq retries the nack
+max_deliver            counted by the broker, not the server (the durables have no server
+                       limit, which would drop messages silently): a message delivered
+                       more than ``max_deliver`` times without being settled (its workers
+                       keep dying) is failed with :class:`DeliveriesExceeded` without
+                       running, so middleware sees it and it is dead-lettered
 lease / heartbeat      while a message is outstanding (fetched and not yet acked, nacked
                        or requeued, including messages waiting in the worker's delay
                        queue) a task on the broker loop sends ``+WPI`` (in progress)
@@ -39,12 +52,13 @@ requeue                ``-NAK``: redelivered to any replica at once
 
 Every publish carries its own ``Nats-Msg-Id`` (a fresh uuid), reused only when the same
 publish is retried after a timeout so JetStream deduplicates it.  Dramatiq's
-``message_id`` cannot be used: a retry in dramatiq is a *new* publish of the same message
-(same ``message_id``) onto the delay queue and later back onto the queue, and JetStream
-would silently drop it as a duplicate inside its duplicate window.
+``message_id`` cannot be used: a delayed message is a *new* publish of the same message
+(same ``message_id``) back onto the queue, and JetStream would silently drop it as a
+duplicate inside its duplicate window.
 
-Messages that JetStream delivers ``max_deliver`` times without an ack (workers that keep
-dying on them) are given up by JetStream itself and never reach the dead subject.
+An ack, nak or term answered by "no responders" means the durable was deleted (or
+re-created): there is nothing left to settle, so it is final and logged once per durable
+instead of being retried forever.
 """
 
 from __future__ import annotations
@@ -76,16 +90,18 @@ from dramatiq.errors import (
     QueueNotFound,
 )
 from dramatiq.message import Message
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, MiddlewareError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 __all__ = [
     "DRAMATIQ_HEADER",
+    "DeliveriesExceeded",
     "JetStreamBroker",
     "JetStreamConsumer",
     "JetStreamMessageProxy",
+    "SettleLater",
     "dead_subject",
     "durable_name",
     "queue_subject",
@@ -113,6 +129,9 @@ _CLOSE_TIMEOUT: Final = 10.0
 _INITIAL_CONNECT_ATTEMPTS: Final = 2
 #: The shortest pull request sent to the server, in seconds.
 _MIN_FETCH: Final = 0.05
+#: A consumer reading several durables (events bound from another stream) asks each but
+#: the last for this long before waiting on the last one.
+_SHORT_FETCH: Final = 0.1
 #: How much of an undecodable payload is logged.
 _LOGGED_BYTES: Final = 200
 
@@ -131,6 +150,24 @@ _TRANSIENT_ERRORS: Final = (
 
 _DURABLE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _SUBJECT_UNSAFE = re.compile(r"[\s*>]")
+
+
+class DeliveriesExceeded(Exception):
+    """A message was delivered more than ``max_deliver`` times without being settled."""
+
+
+class SettleLater(MiddlewareError, ConnectionClosed):
+    """Raise from a ``before_ack``/``before_nack`` hook to keep the message and have
+    dramatiq try the whole settlement again a few seconds later.
+
+    Dramatiq's ``emit_before`` swallows other exceptions, and its worker retries a
+    settlement only after a connection error: this is both, so a hook whose own work
+    must happen first (recording a failure before the dead letter) is never skipped.
+    """
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.message = message
 
 
 def _error(cls: type[_E], *args: object) -> _E:
@@ -181,6 +218,7 @@ def _subject_matches(pattern: str, subject: str) -> bool:
 class _Binding:
     actor_name: str
     subjects: tuple[str, ...]
+    stream: str
 
 
 class JetStreamMessageProxy(MessageProxy):
@@ -191,6 +229,9 @@ class JetStreamMessageProxy(MessageProxy):
         self.nats_msg = nats_msg
         self._consumer = consumer
         self._dead_letter_id = str(uuid.uuid4())
+        #: Set by :class:`dramatiq_jetstream.Retries`: settle with ``-NAK`` and this delay
+        #: (milliseconds) instead of ``+ACK``, so JetStream delivers the message again.
+        self.retry_delay: int | None = None
 
     @property
     def delivery_key(self) -> str:
@@ -202,15 +243,24 @@ class JetStreamMessageProxy(MessageProxy):
         """How many times JetStream has delivered this message (1 on first delivery)."""
         return self.nats_msg.metadata.num_delivered
 
+    def retry_after(self, delay_ms: int) -> None:
+        """Have the consumer nak this message with ``delay_ms`` instead of acking it."""
+        self.retry_delay = max(0, int(delay_ms))
+
 
 class JetStreamBroker(Broker):
-    """A dramatiq broker whose queues are durable pull consumers on one JetStream stream.
+    """A dramatiq broker whose queues are durable pull consumers on JetStream streams.
 
-    The stream must already exist and cover ``<subject_prefix>.>``; its retention policy is
-    the caller's choice, but ``WorkQueue`` retention rejects the overlapping consumers that
-    fan-out needs.  Durables are created with ``DeliverPolicy.ALL``, so a queue declared
+    ``stream`` must already exist and cover ``<subject_prefix>.queue.>`` and
+    ``<subject_prefix>.dead.>``; limits or work-queue retention both work (each queue and
+    delay queue has one durable with its own subject).  Events bound with
+    :meth:`bind_events` may come from another stream (an audit log with limits
+    retention).  Durables are created with ``DeliverPolicy.ALL``, so a queue declared
     for the first time on a stream with history is handed every stored message on its
     subjects.
+
+    Without ``middleware``, dramatiq's default middleware is used with its ``Retries``
+    replaced by :class:`dramatiq_jetstream.Retries` (retry = nak with delay).
 
     Raises ``ConnectionFailed`` when the server cannot be reached or the stream does not
     exist.  Afterwards the client reconnects forever; calls made while it is away raise
@@ -235,6 +285,10 @@ class JetStreamBroker(Broker):
             raise ValueError("ack_wait must be positive")
         if max_deliver < 1 and max_deliver != -1:
             raise ValueError("max_deliver must be at least 1 (or -1 for unlimited)")
+        if middleware is None:
+            from dramatiq_jetstream.retries import default_middleware
+
+            middleware = default_middleware()
         super().__init__(middleware=middleware)
         self.url = url
         self.stream = stream
@@ -247,6 +301,7 @@ class JetStreamBroker(Broker):
         self._bindings: dict[str, list[_Binding]] = {}
         self._queue_limits: dict[str, int] = {}
         self._known_durables: set[str] = set()
+        self._gone_durables: set[str] = set()
         self._outstanding: dict[str, Msg] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -267,12 +322,20 @@ class JetStreamBroker(Broker):
 
     # -- dramatiq's Broker contract ------------------------------------------------------
 
-    def bind_events(self, queue_name: str, actor_name: str, subjects: Sequence[str]) -> None:
+    def bind_events(
+        self,
+        queue_name: str,
+        actor_name: str,
+        subjects: Sequence[str],
+        *,
+        stream: str | None = None,
+    ) -> None:
         """Deliver plain JSON events published on ``subjects`` to ``actor_name``.
 
-        Each event becomes ``Message(queue_name, actor_name, args=(event,), ...)`` whose
+        ``stream`` is the stream holding those subjects (default: the broker's own).  Each
+        event becomes ``Message(queue_name, actor_name, args=(event,), ...)`` whose
         ``message_id`` is the event's ``Nats-Msg-Id`` (a uuid when it has none).  Call
-        this before the queue's consumer starts: the durable's filter subjects are
+        this before the queue's consumer starts: the durables' filter subjects are
         written when a consumer is created by :meth:`consume`.
 
         Raises ValueError for an empty subject list or subjects with whitespace.
@@ -282,10 +345,18 @@ class JetStreamBroker(Broker):
         for subject in subjects:
             if not subject or re.search(r"\s", subject):
                 raise ValueError(f"invalid subject {subject!r}")
-        binding = _Binding(actor_name=actor_name, subjects=tuple(subjects))
+        binding = _Binding(
+            actor_name=actor_name, subjects=tuple(subjects), stream=stream or self.stream
+        )
         with self._lock:
             self._bindings.setdefault(q_name(queue_name), []).append(binding)
-        logger.info("Bound %s to actor %s on queue %s", list(subjects), actor_name, queue_name)
+        logger.info(
+            "Bound %s (stream %s) to actor %s on queue %s",
+            list(subjects),
+            binding.stream,
+            actor_name,
+            queue_name,
+        )
 
     def set_queue_limits(self, limits: Mapping[str, int]) -> None:
         """Cap how many messages of each queue a consumer holds unsettled at once.
@@ -577,57 +648,79 @@ class JetStreamBroker(Broker):
                 except nats.errors.Error as exc:
                     logger.debug("Keep-alive for %s failed: %s", msg.reply, exc)
 
-    def _durable_config(self, queue_name: str) -> api.ConsumerConfig:
-        filters = [queue_subject(self.subject_prefix, queue_name)]
+    def _durable_configs(self, queue_name: str) -> dict[str, api.ConsumerConfig]:
+        """The queue's durables by stream: its own stream (the queue subject and events
+        bound there) and every other stream it has events bound from."""
+        filters: dict[str, list[str]] = {
+            self.stream: [queue_subject(self.subject_prefix, queue_name)]
+        }
         if queue_name == q_name(queue_name):
             with self._lock:
                 bindings = list(self._bindings.get(queue_name, ()))
             for binding in bindings:
-                filters.extend(s for s in binding.subjects if s not in filters)
+                wanted = filters.setdefault(binding.stream, [])
+                wanted.extend(s for s in binding.subjects if s not in wanted)
         name = durable_name(queue_name)
         is_delay_queue = queue_name != q_name(queue_name)
-        return api.ConsumerConfig(
-            name=name,
-            durable_name=name,
-            description=f"dramatiq queue {queue_name}",
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait,
-            max_deliver=self.max_deliver,
-            filter_subjects=filters,
-            # Delayed messages wait in worker memory until their eta; the server's default
-            # of 1000 unacked messages per durable would stall every later delay behind
-            # them.
-            max_ack_pending=-1 if is_delay_queue else None,
-        )
+        return {
+            stream: api.ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description=f"dramatiq queue {queue_name}",
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                # The broker counts deliveries itself (see DeliveriesExceeded): a server
+                # limit would drop the message without a dead letter or a failure.
+                max_deliver=-1,
+                filter_subjects=subjects,
+                # Delayed messages wait in worker memory until their eta; the server's
+                # default of 1000 unacked messages per durable would stall every later
+                # delay behind them.
+                max_ack_pending=-1 if is_delay_queue else None,
+            )
+            for stream, subjects in filters.items()
+        }
 
-    async def _ensure_durable(self, queue_name: str, *, update: bool) -> None:
-        """Create the durable; with ``update``, also rewrite an existing one's config.
+    async def _ensure_durable(self, queue_name: str, *, update: bool) -> list[str]:
+        """Create the queue's durables; with ``update``, also rewrite existing ones.
 
-        Producers only create missing durables (they do not know a worker's event
-        bindings); the consuming side owns the filters and rewrites them on every start.
+        Producers only create a missing durable on the broker's stream (they do not know a
+        worker's event bindings); the consuming side owns the filters and rewrites them
+        on every start.  Returns the streams the queue has a durable on.
         """
         name = durable_name(queue_name)
         if not update:
             if name in self._known_durables:
-                return
+                return [self.stream]
             try:
                 await self._jetstream.consumer_info(self.stream, name)
             except nats.js.errors.NotFoundError:
                 pass
             else:
                 self._known_durables.add(name)
-                return
-        config = self._durable_config(queue_name)
-        await self._jetstream.add_consumer(self.stream, config=config)
+                return [self.stream]
+            configs = {self.stream: self._durable_configs(queue_name)[self.stream]}
+        else:
+            configs = self._durable_configs(queue_name)
+        for stream, config in configs.items():
+            await self._jetstream.add_consumer(stream, config=config)
+            logger.info(
+                "Durable %s on stream %s for queue %s filters %s",
+                name,
+                stream,
+                queue_name,
+                config.filter_subjects,
+            )
         self._known_durables.add(name)
-        logger.info("Durable %s for queue %s filters %s", name, queue_name, config.filter_subjects)
+        return list(configs)
 
-    async def _subscribe(self, queue_name: str) -> JetStreamContext.PullSubscription:
-        await self._ensure_durable(queue_name, update=True)
-        return await self._jetstream.pull_subscribe_bind(
-            durable=durable_name(queue_name), stream=self.stream
-        )
+    async def _subscribe(self, queue_name: str) -> list[JetStreamContext.PullSubscription]:
+        streams = await self._ensure_durable(queue_name, update=True)
+        return [
+            await self._jetstream.pull_subscribe_bind(durable=durable_name(queue_name), stream=s)
+            for s in streams
+        ]
 
     async def _unsubscribe(self, subscription: JetStreamContext.PullSubscription) -> None:
         with contextlib.suppress(nats.errors.Error, ValueError):
@@ -690,8 +783,23 @@ class JetStreamBroker(Broker):
         )
 
     async def _confirm(self, msg: Msg, kind: bytes) -> None:
-        """Send an ack of ``kind`` and wait for the server to confirm it (idempotent)."""
-        await self._client.request(msg.reply, kind, timeout=_REQUEST_TIMEOUT)
+        """Send an ack of ``kind`` and wait for the server to confirm it (idempotent).
+
+        "No responders" means the durable is gone (deleted or re-created): nothing is
+        left to settle, so that is final, logged once per durable.
+        """
+        try:
+            await self._client.request(msg.reply, kind, timeout=_REQUEST_TIMEOUT)
+        except nats.errors.NoRespondersError:
+            durable = msg.metadata.consumer or msg.reply
+            if durable not in self._gone_durables:
+                self._gone_durables.add(durable)
+                logger.warning(
+                    "Durable %s on stream %s is gone; its unsettled messages are dropped "
+                    "here (a re-created durable delivers them again)",
+                    durable,
+                    msg.metadata.stream,
+                )
 
     async def _dead_letter(self, proxy: JetStreamMessageProxy, queue_name: str) -> None:
         exception = proxy._exception
@@ -711,22 +819,39 @@ class JetStreamBroker(Broker):
         await self._confirm(proxy.nats_msg, _TERM)
 
     async def _reset_durable(self, queue_name: str) -> None:
-        await self._ensure_durable(queue_name, update=False)
-        info = await self._jetstream.stream_info(self.stream)
-        await self._jetstream.reset_consumer(
-            self.stream, durable_name(queue_name), seq=info.state.last_seq + 1
-        )
+        """Move the queue's durables past everything their streams hold now; on a
+        work-queue stream (which has no other readers) the queue's subject is purged."""
+        for stream in await self._ensure_durable(queue_name, update=False):
+            info = await self._jetstream.stream_info(stream)
+            if info.config.retention == api.RetentionPolicy.WORK_QUEUE:
+                await self._jetstream.purge_stream(
+                    stream, subject=queue_subject(self.subject_prefix, queue_name)
+                )
+                continue
+            await self._jetstream.reset_consumer(
+                stream, durable_name(queue_name), seq=info.state.last_seq + 1
+            )
+
+    async def _last_seqs(self, streams: Iterable[str]) -> list[int]:
+        return [(await self._jetstream.stream_info(s)).state.last_seq for s in streams]
 
     async def _queue_is_empty(self, queue_name: str) -> tuple[bool, bool]:
-        """Whether both durables are drained, and whether the stream stayed quiet meanwhile."""
-        before = (await self._jetstream.stream_info(self.stream)).state.last_seq
+        """Whether the queue's durables are drained, and whether their streams stayed
+        quiet meanwhile."""
+        with self._lock:
+            streams = {self.stream} | {b.stream for b in self._bindings.get(queue_name, ())}
+        before = await self._last_seqs(sorted(streams))
         empty = True
         for name in (dq_name(queue_name), queue_name):
             await self._ensure_durable(name, update=False)
-            info = await self._jetstream.consumer_info(self.stream, durable_name(name))
-            if info.num_pending or info.num_ack_pending:
-                empty = False
-        after = (await self._jetstream.stream_info(self.stream)).state.last_seq
+            for stream in sorted(streams) if name == queue_name else [self.stream]:
+                try:
+                    info = await self._jetstream.consumer_info(stream, durable_name(name))
+                except nats.js.errors.NotFoundError:
+                    continue  # not consumed yet: nothing of it is in flight
+                if info.num_pending or info.num_ack_pending:
+                    empty = False
+        after = await self._last_seqs(sorted(streams))
         return empty, before == after
 
     # -- bookkeeping shared by consumers --------------------------------------------------
@@ -792,7 +917,8 @@ class JetStreamConsumer(Consumer):
         self.timeout = timeout
         self._held: dict[str, JetStreamMessageProxy] = {}
         self._slots = threading.Condition()
-        self._subscription = broker._call(broker._subscribe(queue_name))
+        self._subscriptions = broker._call(broker._subscribe(queue_name))
+        self._turn = 0
 
     def __next__(self) -> MessageProxy | None:
         timeout = self.timeout / 1000
@@ -801,13 +927,22 @@ class JetStreamConsumer(Consumer):
                 self._slots.wait(timeout)
                 return None
         deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
+        # Several durables (events bound from other streams): ask each but the last
+        # briefly, starting with a different one each call so none starves.
+        count = len(self._subscriptions)
+        self._turn = (self._turn + 1) % count
+        order = self._subscriptions[self._turn :] + self._subscriptions[: self._turn]
+        for index, subscription in enumerate(order):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            wait = remaining if index == count - 1 else min(_SHORT_FETCH, remaining)
             msg = self.broker._call(
-                self.broker._fetch(self._subscription, max(remaining, _MIN_FETCH)),
-                timeout=remaining + _REQUEST_TIMEOUT,
+                self.broker._fetch(subscription, max(wait, _MIN_FETCH)),
+                timeout=wait + _REQUEST_TIMEOUT,
             )
             if msg is None:
-                return None
+                continue
             proxy = self._admit(msg)
             if proxy is not None:
                 return proxy
@@ -830,7 +965,25 @@ class JetStreamConsumer(Consumer):
         self.broker._track(msg)
         with self._slots:
             self._held[proxy.delivery_key] = proxy
-        if proxy.num_delivered > 1:
+        limit = self.broker.max_deliver
+        if limit != -1 and proxy.num_delivered > limit:
+            # Delivered ``limit`` times and never settled: its workers keep dying on it.
+            # Failed without running, it reaches the middleware (``before_nack``) and the
+            # dead letters instead of vanishing.
+            proxy.fail()
+            proxy.stuff_exception(
+                DeliveriesExceeded(
+                    f"delivered {proxy.num_delivered - 1} times without being settled "
+                    f"(max_deliver={limit}): its workers died or timed out every time"
+                )
+            )
+            logger.error(
+                "Message %s on queue %s exceeded max_deliver=%d; dead-lettering it",
+                message.message_id,
+                self.queue_name,
+                limit,
+            )
+        elif proxy.num_delivered > 1:
             logger.info(
                 "Message %s redelivered on queue %s (delivery %d)",
                 message.message_id,
@@ -853,8 +1006,13 @@ class JetStreamConsumer(Consumer):
         return message
 
     def ack(self, message: MessageProxy) -> None:
+        """Ack the message, or nak it with its retry delay when Retries asked for one."""
         proxy = self._proxy(message)
-        self.broker._call(self.broker._confirm(proxy.nats_msg, _ACK))
+        if proxy.retry_delay is None:
+            kind = _ACK
+        else:
+            kind = _NAK + b" " + json.dumps({"delay": proxy.retry_delay * 1_000_000}).encode()
+        self.broker._call(self.broker._confirm(proxy.nats_msg, kind))
         self._release(proxy)
 
     def nack(self, message: MessageProxy) -> None:
@@ -900,5 +1058,6 @@ class JetStreamConsumer(Consumer):
         if delayed:
             with contextlib.suppress(ConnectionClosed):
                 self.requeue(delayed)
-        with contextlib.suppress(ConnectionClosed):
-            self.broker._call(self.broker._unsubscribe(self._subscription))
+        for subscription in self._subscriptions:
+            with contextlib.suppress(ConnectionClosed):
+                self.broker._call(self.broker._unsubscribe(subscription))
