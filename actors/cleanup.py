@@ -39,11 +39,11 @@ from typing import Any
 import dramatiq
 
 from actors.blob_cache import BlobCache
-from dramatiq_jetstream import JetStreamBroker
 from actors.object_store import ObjectStore
 from actors.pipeline import Runtime
 from dcu.errors import DcuError, PermanentFailure
 from dcu.settings import Settings
+from dramatiq_jetstream import JetStreamBroker
 from events.cleanup import (
     CleanupEvent,
     CleanupEventType,
@@ -387,7 +387,10 @@ def declare_cleanup(
         )
 
     broker.bind_events(
-        CLEANUP_QUEUE, CLEANUP_QUEUE, [every_kind(CleanupEventType.REQUESTED, prefix)]
+        CLEANUP_QUEUE,
+        CLEANUP_QUEUE,
+        [every_kind(CleanupEventType.REQUESTED, prefix)],
+        stream=runtime.settings.nats.audit_stream,
     )
     decorate = dramatiq.actor(
         broker=broker,

@@ -28,8 +28,9 @@ import shutil
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, BinaryIO, Protocol
 
 import aiohttp
@@ -96,9 +97,15 @@ class ObjectStore(Protocol):
 
     async def stat(self, name: str) -> ObjectInfo | None: ...
 
-    async def abort_incomplete(self, name: str) -> int:
-        """Drop what an upload of ``name`` that died half-way left behind (never a
-        complete object); returns how many leftovers were removed."""
+    async def abort_incomplete(
+        self, name: str, *, older_than: float | None, now: datetime | None = None
+    ) -> int:
+        """Drop what uploads of ``name`` that died half-way left behind (never a complete
+        object), but only leftovers that showed no life (started, or had a part written)
+        for ``older_than`` seconds before ``now`` (default: the clock): a younger one may
+        belong to a duplicate run that is still uploading. ``older_than=None`` drops every
+        leftover, whatever its age (no other run of ``name`` matters any more). Returns
+        how many leftovers were removed; raises StorageError."""
         ...
 
     async def list(self, prefix: str) -> list[ObjectInfo]: ...
@@ -141,6 +148,8 @@ _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 _MULTIPART_ETAG = re.compile(r"[0-9a-f]{32}-[0-9]+")
 _MAX_PARTS = 10_000  # per multipart upload, S3's limit
 _MIB = 1024 * 1024
+# The last sign of life of an unfinished upload the server dates with nothing.
+_LONG_AGO = datetime.min.replace(tzinfo=UTC)
 
 
 def _md5(data: bytes | memoryview) -> bytes:
@@ -506,22 +515,80 @@ class S3ObjectStore:
         finally:
             response.close()  # drops the connection only when the body was not read
 
-    async def abort_incomplete(self, name: str) -> int:
+    async def abort_incomplete(
+        self, name: str, *, older_than: float | None, now: datetime | None = None
+    ) -> int:
+        """An upload's last sign of life is the newest of its start (``Initiated``) and
+        its parts' ``LastModified``: a live upload stores a part every few seconds
+        however long it has been running. Those times are the server's, compared with
+        ``now`` here, so the clocks must agree to well within ``older_than``."""
         # A multipart upload whose worker died is not an object, but its parts hold
-        # storage until aborted. miniopy-async exposes the two S3 calls (ListMultipart-
-        # Uploads, AbortMultipartUpload) only as private methods.
+        # storage until aborted. miniopy-async exposes the S3 calls (ListMultipart-
+        # Uploads, ListParts, AbortMultipartUpload) only as private methods.
         await self.ensure_bucket()
         bucket = self._settings.bucket
+        cutoff = None
+        if older_than is not None:
+            cutoff = (now or datetime.now(UTC)) - timedelta(seconds=older_than)
         aborted = 0
         try:
             result = await self.client._list_multipart_uploads(bucket, prefix=name)
             for upload in result.uploads:
-                if upload.object_name == name and upload.upload_id:
-                    await self.client._abort_multipart_upload(bucket, name, upload.upload_id)
-                    aborted += 1
+                if upload.object_name != name or not upload.upload_id:
+                    continue
+                if cutoff is None:
+                    aborted += await self._abort_leftover(name, upload.upload_id)
+                    continue
+                newest_part = await self._newest_part(name, upload.upload_id)
+                if newest_part is None:
+                    continue  # finished or aborted meanwhile
+                latest = max(newest_part, upload.initiated_time or _LONG_AGO)
+                if latest > cutoff:
+                    log.info(
+                        "keeping the unfinished upload %s of %s: active at %s, it may be "
+                        "a duplicate run's that is still going",
+                        upload.upload_id,
+                        name,
+                        latest.isoformat(),
+                    )
+                    continue
+                aborted += await self._abort_leftover(name, upload.upload_id)
         except _TRANSPORT_ERRORS as exc:
             raise self._error(f"aborting unfinished uploads of {name}", exc) from exc
         return aborted
+
+    async def _newest_part(self, name: str, upload_id: str) -> datetime | None:
+        """When the newest part of an unfinished upload was stored (``_LONG_AGO`` when it
+        has none), None when the upload is gone. Raises what the client raises."""
+        bucket = self._settings.bucket
+        newest = _LONG_AGO
+        marker: str | None = None
+        while True:
+            try:
+                page = await self.client._list_parts(
+                    bucket, name, upload_id, part_number_marker=marker
+                )
+            except S3Error as exc:
+                if exc.code == "NoSuchUpload":
+                    return None
+                raise
+            for part in page.parts:
+                if part.last_modified is not None and part.last_modified > newest:
+                    newest = part.last_modified
+            if not page.is_truncated or page.next_part_number_marker is None:
+                return newest
+            marker = str(page.next_part_number_marker)
+
+    async def _abort_leftover(self, name: str, upload_id: str) -> int:
+        """Abort one unfinished upload: 1, or 0 when it was gone already."""
+        try:
+            await self.client._abort_multipart_upload(self._settings.bucket, name, upload_id)
+        except S3Error as exc:
+            if exc.code == "NoSuchUpload":
+                return 0
+            raise
+        log.debug("aborted the unfinished upload %s of %s", upload_id, name)
+        return 1
 
     async def _stat_object(self, name: str, what: str) -> Object | None:
         """The server's stat of ``name``, None when it does not exist."""
@@ -739,13 +806,22 @@ class LocalObjectStore:
             )
         return data
 
-    async def abort_incomplete(self, name: str) -> int:
+    async def abort_incomplete(
+        self, name: str, *, older_than: float | None, now: datetime | None = None
+    ) -> int:
+        """A part file's last sign of life is its mtime: a live copy keeps writing it."""
         target = self._path(name)
+        cutoff = None if older_than is None else (now or datetime.now(UTC)).timestamp() - older_than
         removed = 0
         for part in target.parent.glob(f"{target.name}*.part") if target.parent.exists() else []:
-            if part.is_file() and not part.is_symlink():
-                part.unlink(missing_ok=True)
-                removed += 1
+            try:
+                st = part.lstat()
+            except FileNotFoundError:
+                continue
+            if not S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime > cutoff):
+                continue
+            part.unlink(missing_ok=True)
+            removed += 1
         return removed
 
     async def stat(self, name: str) -> ObjectInfo | None:

@@ -30,7 +30,7 @@ from actors import stages
 from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore, open_store
 from actors.registry_engine import RegistryEngine
-from dcu import bus
+from dcu import bus, diagnostics
 from dcu.errors import BusError, PermanentFailure
 from dcu.settings import Settings
 from dramatiq_jetstream import (
@@ -77,6 +77,7 @@ class Runtime:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._js is None:
+                diagnostics.register_loop(f"actors ({self.name})", asyncio.get_running_loop())
                 self._nc = await bus.connect(self.nats_url, self.settings.nats, self.name)
                 self._js = self._nc.jetstream()
             return self._js
@@ -115,7 +116,7 @@ class Runtime:
         js = self._js or await self._open()
         subject = subjects.task_event(task_id, event_type, self.settings.nats.subject_prefix)
         try:
-            await js.get_last_msg(self.settings.nats.stream, subject)
+            await js.get_last_msg(self.settings.nats.audit_stream, subject)
         except NotFoundError:
             return False
         except (NatsError, TimeoutError) as exc:
@@ -191,6 +192,10 @@ class FailTaskWhenGivenUp(Middleware):
             event_id=once_per_task_id(task_id, EventType.FAILED),
         )
         try:
+            if _run_on_actor_loop(self.runtime.recorded(task_id, EventType.UPLOADED)):
+                # A duplicate run gave up after another run finished the task.
+                log.warning("task %s: %s, but the task is already uploaded", task_id, reason)
+                return
             _run_on_actor_loop(self.runtime.publish(event))
         except Exception as exc:
             log.error("task %s: cannot publish its failure yet (%s); retrying", task_id, exc)
@@ -222,7 +227,7 @@ def build_broker(settings: Settings, nats_url: str, runtime: Runtime) -> JetStre
     ]
     return JetStreamBroker(
         url=nats_url,
-        stream=settings.nats.stream,
+        stream=settings.nats.work_stream,
         subject_prefix=settings.nats.subject_prefix,
         ack_wait=settings.nats.ack_wait,
         max_deliver=settings.nats.max_deliver,
@@ -251,7 +256,12 @@ def declare_stage(
         await work(ctx, event, attempt)
 
     run.__name__ = str(stage)
-    broker.bind_events(str(stage), str(stage), [subjects.every_task(trigger, prefix)])
+    broker.bind_events(
+        str(stage),
+        str(stage),
+        [subjects.every_task(trigger, prefix)],
+        stream=runtime.settings.nats.audit_stream,
+    )
     decorate = dramatiq.actor(
         broker=broker,
         actor_name=str(stage),

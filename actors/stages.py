@@ -4,6 +4,17 @@ Each stage announces itself (``*_started``), does its work through the edges it 
 (engine, gzip, object store), publishes its completion event and returns it. Paths are
 always recomputed from the task id and the re-validated reference, never taken from an
 event's payload, so a forged event cannot point a stage at another file.
+
+A stage works only for a live task: before it starts, and again just before it publishes
+its completion, it looks for a terminal event of the task (``failed``, ``uploaded``) in
+the stream. A task the watchdog failed, or one a replay delivers again, is not
+downloaded, compressed or uploaded behind the API's back: the stage removes what it
+wrote for the task, publishes nothing and returns None.
+
+Several runs of one stage for one task can overlap (a redelivery while the first run is
+slow to keep its message alive, a replay): a run removes another's leftovers (``*.part``
+files, unfinished multipart uploads) only when they are older than ``stale_after``, or
+once its own completion is in the stream and the other run's work is moot.
 """
 
 from __future__ import annotations
@@ -15,7 +26,9 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISREG
 
 from actors import reuse
 from actors.archive import write_archive
@@ -24,7 +37,7 @@ from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore
 from actors.progress import ProgressReporter
 from actors.registry_engine import ImagePlan, RegistryEngine
-from dcu.errors import PermanentFailure
+from dcu.errors import PermanentFailure, StorageError
 from dcu.settings import Settings
 from events import naming
 from events.platform import InvalidPlatform, parse_platform
@@ -49,6 +62,14 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Event], Awaitable[None]]
 Recorded = Callable[[str, EventType], Awaitable[bool]]
+# Removes what a stage wrote for a task that ended (given the terminal event's type).
+Discard = Callable[[EventType], Awaitable[None]]
+
+TERMINAL_EVENTS = (EventType.FAILED, EventType.UPLOADED)
+# A message is redelivered only after ``nats.ack_wait`` without a keep-alive, and a live
+# run writes its part files and upload parts far more often than that: a leftover quiet
+# for this many ack waits belongs to a dead run, a younger one may be a live duplicate's.
+STALE_AFTER_ACK_WAITS = 3
 
 
 @dataclass(slots=True)
@@ -66,13 +87,47 @@ class StageContext:
         await self.emit(event)
         return event
 
-    async def complete(self, task_id: str, payload: Payload) -> Event:
-        """Publish a stage's completion event, with its once-per-task id."""
+    async def complete(self, task_id: str, payload: Payload, discard: Discard) -> Event | None:
+        """Publish a stage's completion event, with its once-per-task id; unless the task
+        ended while the stage ran: then ``discard`` removes what the stage wrote, nothing
+        is published and the result is None. Raises BusError (retryable)."""
+        if await self.stopped(task_id, f"not publishing {payload.type}", discard):
+            return None
         event = Event(
             task_id=task_id, payload=payload, event_id=once_per_task_id(task_id, payload.type)
         )
         await self.emit(event)
         return event
+
+    async def ended(self, task_id: str) -> EventType | None:
+        """The terminal event (``failed`` or ``uploaded``) the stream holds for the task,
+        None while the task is alive. Raises BusError when the lookup fails."""
+        for terminal in TERMINAL_EVENTS:
+            if await self.recorded(task_id, terminal):
+                return terminal
+        return None
+
+    async def stopped(self, task_id: str, doing: str, discard: Discard) -> bool:
+        """True when the task already ended (failed by the watchdog, or finished and
+        delivered again): ``discard`` has removed what the stage wrote for it, and the
+        stage must publish nothing. Raises BusError when the lookup fails, so the message
+        is retried rather than run for a task that may be dead."""
+        ended = await self.ended(task_id)
+        if ended is None:
+            return False
+        await discard(ended)
+        log.info(
+            "task %s: %s, the stream holds its %s event; removed what the stage wrote for it",
+            task_id,
+            doing,
+            ended,
+        )
+        return True
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds after which another run's leftovers are a dead run's (see module doc)."""
+        return STALE_AFTER_ACK_WAITS * self.settings.nats.ack_wait
 
     async def already_done(self, task_id: str, completion: EventType) -> bool:
         """True when the stream already holds this stage's completion for the task: the
@@ -119,9 +174,10 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     was packaged before (digest reuse), emit ``downloaded`` naming that object at once;
     otherwise fetch and verify the blobs into the task's directory. ``docker``: pull and
     export the image's tar. Returns None (doing nothing) when the download already
-    completed for this task. Raises PermanentFailure for a registry outside
-    ``docker.allowed_registries`` (checked here again: a ``requested`` event published
-    straight to NATS skips the gateway) or a malformed platform.
+    completed for this task, and when the task ended (its work directory removed).
+    Raises PermanentFailure for a registry outside ``docker.allowed_registries``
+    (checked here again: a ``requested`` event published straight to NATS skips the
+    gateway) or a malformed platform.
     """
     assert isinstance(event.payload, Requested)
     task_id = _task_id(event)
@@ -135,13 +191,16 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
         raise PermanentFailure(str(exc)) from exc
     if await ctx.already_done(task_id, EventType.DOWNLOADED):
         return None
+    discard = _discard_work_dir(ctx, task_id)
+    if await ctx.stopped(task_id, "not running the download stage", discard):
+        return None
     await ctx.announce(task_id, DownloadStarted(worker=ctx.worker, attempt=attempt))
     loop = asyncio.get_running_loop()
     started = loop.time()
     tar = ctx.work_tar(task_id)
-    remove_stale_parts(tar.parent)
+    remove_stale_parts(tar.parent, ctx.stale_after)
     if ctx.registry is None:
-        return await _download_with_engine(ctx, task_id, ref, tar, started)
+        return await _download_with_engine(ctx, task_id, ref, tar, started, discard)
     registry = ctx.registry
     async with ctx.reporter(task_id, Stage.DOWNLOAD) as progress:
         log.info("task %s: resolving %s for %s", task_id, ref, wanted)
@@ -166,6 +225,7 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
                         cached_bytes=0,
                         reused_object=found.object,
                     ),
+                    discard,
                 )
         log.info(
             "task %s: fetching %d layers of %s (%s, %s)",
@@ -198,12 +258,18 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
             fetched_bytes=got.fetched_bytes,
             cached_bytes=got.cached_bytes,
         ),
+        discard,
     )
 
 
 async def _download_with_engine(
-    ctx: StageContext, task_id: str, ref: ImageReference, tar: Path, started: float
-) -> Event:
+    ctx: StageContext,
+    task_id: str,
+    ref: ImageReference,
+    tar: Path,
+    started: float,
+    discard: Discard,
+) -> Event | None:
     """``download.engine: docker``: pull with the engine, export its tar."""
     engine = ctx.engine
     if engine is None:
@@ -228,6 +294,7 @@ async def _download_with_engine(
             bytes=exported.bytes,
             seconds=round(asyncio.get_running_loop().time() - started, 3),
         ),
+        discard,
     )
 
 
@@ -237,14 +304,20 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     From a registry download the archive is spliced: gzip layer blobs are copied verbatim
     and only headers (and non-gzip layers) are compressed. From an engine's tar the whole
     tar is gzipped. A reused download writes nothing. The task's work directory is removed
-    once ``compressed`` is published. Returns None (doing nothing) when the compression
-    already completed.
+    once ``compressed`` is published, with any ``.part`` file another run left beside the
+    archive. Returns None (doing nothing) when the compression already completed, and
+    when the task ended (then the work directory goes, and the task's archive directory
+    too when it failed).
     """
     assert isinstance(event.payload, Downloaded)
     payload = event.payload
     task_id = _task_id(event)
     ref = _reference(payload.docker_image_name)
     if await ctx.already_done(task_id, EventType.COMPRESSED):
+        return None
+    archive = ctx.archive(task_id, ref)
+    discard = _discard_compress(ctx, task_id, Path(archive).parent)
+    if await ctx.stopped(task_id, "not running the compress stage", discard):
         return None
     if payload.layout == "reuse" and payload.reused_object:
         await ctx.announce(task_id, CompressStarted(worker=ctx.worker, attempt=attempt))
@@ -268,10 +341,10 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
                 manifest_digest=payload.manifest_digest,
                 platform=payload.platform,
             ),
+            discard,
         )
     tar = ctx.work_tar(task_id)
     task_dir = tar.parent
-    archive = ctx.archive(task_id, ref)
     from_blobs = payload.layout == "blobs"
     source = task_dir / naming.PLAN_FILE if from_blobs else tar
     if not source.exists():
@@ -279,7 +352,7 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
             f"work file {source} is missing (removed, or not on a shared volume)"
         )
     await ctx.announce(task_id, CompressStarted(worker=ctx.worker, attempt=attempt))
-    remove_stale_parts(Path(archive).parent)
+    remove_stale_parts(Path(archive).parent, ctx.stale_after)
     storage = ctx.settings.storage
     spliced: int | None = None
     async with ctx.reporter(task_id, Stage.COMPRESS) as progress:
@@ -335,11 +408,16 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
             manifest_digest=payload.manifest_digest,
             platform=payload.platform,
         ),
+        discard,
     )
+    if completed is None:
+        return None
     # Only once ``compressed`` is stored: a redelivery before that point must still find
     # its input (a redelivery after it stops at ``already_done``; the cleanup's sweep of
-    # abandoned work directories takes what such a crash leaves).
+    # abandoned work directories takes what such a crash leaves). Another run's part
+    # files are moot from here on: that run stops at ``already_done`` when retried.
     _remove_work_dir(task_dir)
+    remove_stale_parts(Path(archive).parent, older_than=None)
     return completed
 
 
@@ -347,7 +425,8 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
     """Upload the archive with its image ID, sha256, manifest digest and platform as
     metadata (or copy the reused object server-side); emits ``uploaded``.
 
-    Returns None (doing nothing) when the upload already completed for this task.
+    Returns None (doing nothing) when the upload already completed for this task, and
+    when the task failed (then its object and unfinished uploads are removed).
     """
     assert isinstance(event.payload, Compressed)
     payload = event.payload
@@ -356,6 +435,9 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
     if await ctx.already_done(task_id, EventType.UPLOADED):
         return None
     name = naming.object_name(ctx.settings.minio.prefix, task_id, str(ref))
+    discard = _discard_upload(ctx, name)
+    if await ctx.stopped(task_id, "not running the upload stage", discard):
+        return None
     metadata = {
         "dcu-task-id": task_id,
         "dcu-image-id": payload.image_id,
@@ -381,7 +463,7 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
                 f"archive {archive} is missing (removed, or not on a shared volume)"
             )
         await ctx.announce(task_id, UploadStarted(worker=ctx.worker, attempt=attempt))
-        aborted = await ctx.store.abort_incomplete(name)
+        aborted = await ctx.store.abort_incomplete(name, older_than=ctx.stale_after)
         if aborted:
             log.info(
                 "task %s: aborted %d unfinished upload(s) of an earlier attempt", task_id, aborted
@@ -396,7 +478,7 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
         reused_from = None
         if payload.manifest_digest and ctx.settings.download.reuse:
             await reuse.remember(ctx.store, ctx.settings.minio.prefix, ref, name, payload)
-    return await ctx.complete(
+    completed = await ctx.complete(
         task_id,
         Uploaded(
             bucket=ctx.settings.minio.bucket,
@@ -409,17 +491,69 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
             platform=payload.platform,
             reused_from=reused_from,
         ),
+        discard,
     )
+    if completed is not None:
+        # Another run's unfinished upload of the name is moot now (retried, that run
+        # stops at ``already_done``); a young one was left alone above.
+        try:
+            await ctx.store.abort_incomplete(name, older_than=None)
+        except StorageError as exc:
+            log.warning("task %s: unfinished uploads of %s left: %s", task_id, name, exc)
+    return completed
 
 
-def remove_stale_parts(directory: Path) -> None:
-    """Drop ``*.part`` files a killed worker left in this task's own directory; a stage
-    that starts for a task owns that directory."""
+def _discard_work_dir(ctx: StageContext, task_id: str) -> Discard:
+    async def discard(ended: EventType) -> None:
+        await asyncio.to_thread(remove_partial_files_for, ctx.settings, task_id)
+
+    return discard
+
+
+def _discard_compress(ctx: StageContext, task_id: str, archive_dir: Path) -> Discard:
+    """The work directory always goes; the archive directory too when the task failed
+    (nothing refers to its archive), only stray part files when it was uploaded."""
+
+    async def discard(ended: EventType) -> None:
+        await asyncio.to_thread(remove_partial_files_for, ctx.settings, task_id)
+        if ended is EventType.FAILED:
+            await asyncio.to_thread(shutil.rmtree, archive_dir, True)
+        else:
+            await asyncio.to_thread(remove_stale_parts, archive_dir, None)
+
+    return discard
+
+
+def _discard_upload(ctx: StageContext, name: str) -> Discard:
+    """A failed task's object (no task refers to it) and unfinished uploads go; an
+    uploaded task's object is the one its ``uploaded`` event names, and stays."""
+
+    async def discard(ended: EventType) -> None:
+        if ended is EventType.FAILED:
+            await ctx.store.abort_incomplete(name, older_than=None)
+            await ctx.store.remove(name)
+
+    return discard
+
+
+def remove_stale_parts(
+    directory: Path, older_than: float | None, now: datetime | None = None
+) -> None:
+    """Drop ``*.part`` files in this task's own directory that nobody wrote to for
+    ``older_than`` seconds before ``now`` (default: the clock): a killed run's. A younger
+    one may be a live duplicate run's, which writes it continuously. ``older_than=None``
+    drops them all (no other run's output matters any more)."""
+    cutoff = None if older_than is None else (now or datetime.now(UTC)).timestamp() - older_than
     with contextlib.suppress(FileNotFoundError):
         for leftover in directory.glob("*.part"):
-            if leftover.is_file() and not leftover.is_symlink():
-                log.info("removing %s left by an earlier attempt", leftover)
-                leftover.unlink(missing_ok=True)
+            try:
+                st = leftover.lstat()
+            except FileNotFoundError:
+                continue
+            if not S_ISREG(st.st_mode) or (cutoff is not None and st.st_mtime > cutoff):
+                continue
+            log.info("removing %s left by another attempt", leftover)
+            leftover.unlink(missing_ok=True)
 
 
 def _remove_work_dir(task_dir: Path) -> None:

@@ -1,15 +1,26 @@
-"""The NATS edge: connecting with the configured credentials, the audit stream, publishing.
+"""The NATS edge: connecting with the configured credentials, the streams, publishing.
 
-One JetStream stream (``nats.stream``) holds every ``<prefix>.>`` subject with the
-configured age and size limits: it is both the transport and the audit log that
-``dcu replay`` reads back.
+Three streams, each configured for its purpose (docs/events.md):
+
+* ``<stream>_AUDIT``: the task and cleanup facts (``<prefix>.task.>``,
+  ``<prefix>.cleanup.>``). Limits retention without an age limit, deny delete and purge,
+  and a size limit with *discard new*: a full audit log refuses new work loudly rather
+  than forgetting old facts. ``dcu replay`` rebuilds the database from it.
+* ``<stream>_PROGRESS``: ``<prefix>.progress.<task>``, only the latest report per task
+  (``max_msgs_per_subject=1``) for ``progress_max_age``.
+* ``<stream>_WORK``: the queues and dead letters (``<prefix>.queue.>``,
+  ``<prefix>.dead.>``) with work-queue retention.
+
+``ensure_streams`` is the one place streams are set up: it creates missing streams and,
+for existing ones, logs every difference from the wanted configuration instead of
+overwriting it (``dcu setup --apply`` applies them).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats
@@ -21,8 +32,9 @@ from nats.js.errors import NotFoundError
 
 from dcu.errors import BusError
 from dcu.settings import NatsSettings
+from events import cleanup as cleanup_subjects
 from events import subjects
-from events.schema import Event
+from events.schema import Event, EventType
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,11 @@ def connect_options(settings: NatsSettings) -> dict[str, Any]:
     return options
 
 
+def servers(url: str) -> list[str]:
+    """``nats.url`` may list several servers of one cluster, separated by commas."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, settings: NatsSettings, name: str) -> Client:
     """Connect to NATS; raises BusError (without the credentials) when it cannot."""
 
@@ -56,34 +73,173 @@ async def connect(url: str, settings: NatsSettings, name: str) -> Client:
         log.warning("nats connection %s: %s", name, exc)
 
     try:
-        return await nats.connect(url, name=name, error_cb=_log_error, **connect_options(settings))
+        return await nats.connect(
+            servers(url), name=name, error_cb=_log_error, **connect_options(settings)
+        )
     except (OSError, NatsError, TimeoutError) as exc:
         raise BusError(f"cannot connect to NATS at {url}: {exc}") from exc
 
 
-def stream_config(settings: NatsSettings) -> StreamConfig:
-    return StreamConfig(
-        name=settings.stream,
-        subjects=[subjects.all_events(settings.subject_prefix)],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.stream_max_age or None,
-        max_bytes=settings.stream_max_bytes,
-        duplicate_window=DUPLICATE_WINDOW,
-    )
+def _limit(value: float) -> float | None:
+    return value or None
 
 
-async def ensure_stream(js: JetStreamContext, settings: NatsSettings) -> None:
-    """Create the audit stream, or bring its limits in line with the settings."""
-    config = stream_config(settings)
+def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
+    """The wanted audit, progress and work streams."""
+    prefix = settings.subject_prefix
+    common: dict[str, Any] = {
+        "storage": StorageType.FILE,
+        "num_replicas": settings.replicas,
+        "duplicate_window": DUPLICATE_WINDOW,
+    }
+    return [
+        StreamConfig(
+            name=settings.audit_stream,
+            description="DCU audit log: every task and cleanup fact",
+            subjects=[subjects.every_task(prefix=prefix), cleanup_subjects.all_cleanup(prefix)],
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.NEW,
+            max_age=_limit(settings.audit_max_age),
+            max_bytes=settings.audit_max_bytes,
+            deny_delete=True,
+            deny_purge=True,
+            **common,
+        ),
+        StreamConfig(
+            name=settings.progress_stream,
+            description="DCU progress: the latest report of each task",
+            subjects=[subjects.every_progress(prefix)],
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_msgs_per_subject=1,
+            max_age=settings.progress_max_age,
+            **{**common, "duplicate_window": min(DUPLICATE_WINDOW, settings.progress_max_age)},
+        ),
+        StreamConfig(
+            name=settings.work_stream,
+            description="DCU work: stage queues and dead letters",
+            subjects=[subjects.every_queue(prefix), subjects.every_dead(prefix)],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.OLD,
+            max_age=_limit(settings.work_max_age),
+            **common,
+        ),
+    ]
+
+
+# The settings ``ensure_streams`` compares; the server fills in the rest.
+_COMPARED = (
+    "subjects",
+    "retention",
+    "discard",
+    "max_age",
+    "max_bytes",
+    "max_msgs_per_subject",
+    "num_replicas",
+    "deny_delete",
+    "deny_purge",
+    "duplicate_window",
+    "storage",
+)
+# What the server reports for a limit left unset.
+_UNSET: dict[str, Any] = {"max_age": 0.0, "max_bytes": -1, "max_msgs_per_subject": -1}
+
+
+def differences(wanted: StreamConfig, actual: StreamConfig) -> list[str]:
+    """``field: server has X, settings want Y`` for every compared field that differs."""
+    found = []
+    for name in _COMPARED:
+        want = getattr(wanted, name)
+        have = getattr(actual, name)
+        if want is None:
+            want = _UNSET.get(name)
+        if have is None:
+            have = _UNSET.get(name)
+        if name == "subjects":
+            want, have = sorted(want or []), sorted(have or [])
+        if isinstance(want, float) or isinstance(have, float):
+            same = abs(float(want or 0) - float(have or 0)) < 1e-3
+        else:
+            same = want == have
+        if not same:
+            found.append(f"{name}: server has {have!r}, settings want {want!r}")
+    return found
+
+
+class LegacyStream(BusError):
+    """The single stream of earlier versions still holds the subjects."""
+
+
+def cluster_size(nc: Client) -> int:
+    """How many servers the connected server's cluster has (itself and the peers whose
+    client URLs it advertises); 1 for a single server."""
+    info = nc._server_info or {}
+    urls = set(info.get("connect_urls") or [])
+    return max(1, len(urls)) if info.get("cluster") else 1
+
+
+async def ensure_streams(
+    js: JetStreamContext,
+    settings: NatsSettings,
+    *,
+    apply: bool = False,
+    peers: int | None = None,
+) -> dict[str, list[str]]:
+    """Create missing streams; report (and with ``apply`` update) differing ones.
+
+    ``peers`` (``cluster_size``) caps the replicas, so settings written for a
+    three-node cluster work against a single server. Returns the differences found per
+    stream. Raises LegacyStream when the single stream
+    of earlier versions (``nats.stream`` covering ``<prefix>.>``) is still there: its
+    facts must be moved with ``dcu migrate-streams`` first. BusError when JetStream
+    cannot be reached or refuses a configuration.
+    """
     try:
-        await js.stream_info(settings.stream)
+        await _refuse_legacy(js, settings)
+        found: dict[str, list[str]] = {}
+        wanted_configs = stream_configs(settings)
+        if peers is not None and settings.replicas > peers:
+            log.warning(
+                "nats.replicas is %d but the server names %d JetStream server(s) in its "
+                "cluster; the streams get %d replica(s)",
+                settings.replicas,
+                peers,
+                peers,
+            )
+            wanted_configs = [replace(c, num_replicas=peers) for c in wanted_configs]
+        for wanted in wanted_configs:
+            name = str(wanted.name)
+            try:
+                actual = (await js.stream_info(name)).config
+            except NotFoundError:
+                await js.add_stream(wanted)
+                log.info("created stream %s for %s", wanted.name, wanted.subjects)
+                continue
+            changes = differences(wanted, actual)
+            if not changes:
+                continue
+            found[name] = changes
+            for change in changes:
+                log.warning("stream %s differs from the settings: %s", wanted.name, change)
+            if apply:
+                await js.update_stream(wanted)
+                log.warning("stream %s updated to the settings", wanted.name)
+        return found
+    except (NatsError, TimeoutError) as exc:
+        raise BusError(f"cannot set up the streams: {exc}") from exc
+
+
+async def _refuse_legacy(js: JetStreamContext, settings: NatsSettings) -> None:
+    try:
+        legacy = (await js.stream_info(settings.stream)).config
     except NotFoundError:
-        await js.add_stream(config)
-        log.info("created stream %s for %s", settings.stream, config.subjects)
         return
-    await js.update_stream(config)
+    if subjects.all_events(settings.subject_prefix) in (legacy.subjects or []):
+        raise LegacyStream(
+            f"stream {settings.stream} of an earlier DCU version holds "
+            f"{subjects.all_events(settings.subject_prefix)}; run `dcu migrate-streams` to "
+            "move its facts into the audit stream before starting this version"
+        )
 
 
 async def publish(js: JetStreamContext, event: Event, prefix: str) -> int:
@@ -100,6 +256,25 @@ async def publish(js: JetStreamContext, event: Event, prefix: str) -> int:
     except (NatsError, TimeoutError) as exc:
         raise BusError(f"cannot publish {event.type} for task {event.task_id}: {exc}") from exc
     return int(ack.seq)
+
+
+async def last_task_event(
+    js: JetStreamContext, settings: NatsSettings, task_id: str, event_type: EventType
+) -> Event | None:
+    """The task's latest ``event_type`` event in the stream (a direct last-by-subject
+    lookup, no consumer), None when it has none. Raises BusError when the stream cannot
+    be read; DecodeError when the stored bytes are not an event."""
+    subject = subjects.task_event(task_id, event_type, settings.subject_prefix)
+    try:
+        stream = (
+            settings.progress_stream if event_type is EventType.PROGRESS else settings.audit_stream
+        )
+        message = await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return None
+    except (NatsError, TimeoutError) as exc:
+        raise BusError(f"cannot look up {subject}: {exc}") from exc
+    return Event.decode(message.data or b"")
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,12 @@ import ctypes
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
+from dcu import bus, diagnostics
 from dcu.embedded import EmbeddedNats
 from dcu.service import ROLES, StageWorkers, ensure_topology, wait_for_signal
 from dcu.settings import Settings, describe_error, is_loopback, listen_refusal, load_settings
@@ -43,8 +45,27 @@ def _configure_logging(settings: Settings) -> None:
         )
 
 
+async def _run_archiver(settings: Settings, nats_url: str, stop: asyncio.Event) -> None:
+    from actors.archiver import AuditArchiver
+    from actors.object_store import open_store
+
+    nc = await bus.connect(nats_url, settings.nats, "dcu-archiver")
+    store = open_store(settings.minio)
+    try:
+        await AuditArchiver(settings, nc.jetstream(), store).run(stop)
+    finally:
+        await store.close()
+        await nc.drain()
+
+
 async def _run(
-    settings: Settings, *, http: bool, persist: bool, stages: list[str], timer: bool = False
+    settings: Settings,
+    *,
+    http: bool,
+    persist: bool,
+    stages: list[str],
+    timer: bool = False,
+    archiver: bool = False,
 ) -> int:
     from actors.timer import CleanupTimer
     from gateway.app import create_app
@@ -66,9 +87,11 @@ async def _run(
     # Handled from here on, not only once every role is up: a SIGTERM while the roles
     # start (slow on a loaded host) still stops the process cleanly, with exit code 0.
     loop = asyncio.get_running_loop()
+    diagnostics.register_loop("main", loop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     timer_task: asyncio.Task[None] | None = None
+    archiver_task: asyncio.Task[None] | None = None
     exit_code = 0
     try:
         await ensure_topology(settings, nats_url)
@@ -76,6 +99,8 @@ async def _run(
             timer_task = asyncio.create_task(CleanupTimer(settings, nats_url).run(stop))
             # A timer that ends by itself (NATS unreachable at start) stops the process.
             timer_task.add_done_callback(lambda _: stop.set())
+        if archiver:
+            archiver_task = asyncio.create_task(_run_archiver(settings, nats_url, stop))
         if stages:
             workers = StageWorkers(settings, nats_url, stages)
             workers.start()
@@ -111,6 +136,10 @@ async def _run(
             if isinstance(outcome, Exception):
                 log.error("cleanup timer failed: %s", outcome)
                 exit_code = 1
+        if archiver_task is not None:
+            (outcome,) = await asyncio.gather(archiver_task, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                log.error("audit archiver failed: %s", outcome)
         if runner is not None:
             await runner.cleanup()
         if workers is not None:
@@ -120,20 +149,76 @@ async def _run(
     return exit_code
 
 
-async def _replay(settings: Settings, target_url: str) -> int:
-    from dcu.replay import replay
-
-    embedded: EmbeddedNats | None = None
-    nats_url = settings.nats.url
-    if not nats_url:  # read the embedded server's own store
-        embedded = EmbeddedNats(Path(settings.nats.data_dir))
-        nats_url = await asyncio.to_thread(embedded.start)
+@contextlib.asynccontextmanager
+async def _nats_url(settings: Settings) -> AsyncIterator[str]:
+    """The configured NATS, or the embedded server's own store started for the command."""
+    if settings.nats.url:
+        yield settings.nats.url
+        return
+    embedded = EmbeddedNats(Path(settings.nats.data_dir))
+    url = await asyncio.to_thread(embedded.start)
     try:
-        count = await replay(settings, nats_url, target_url)
+        yield url
     finally:
-        if embedded is not None:
-            embedded.stop()
-    print(f"replayed {count} events from stream {settings.nats.stream}")
+        embedded.stop()
+
+
+async def _replay(
+    settings: Settings, target_url: str, *, allow_partial: bool, from_archive: bool
+) -> int:
+    from dcu.replay import ReplayRefused, replay
+
+    async with _nats_url(settings) as nats_url:
+        try:
+            report = await replay(
+                settings,
+                nats_url,
+                target_url,
+                allow_partial=allow_partial,
+                from_archive=from_archive,
+            )
+        except ReplayRefused as exc:
+            print(f"dcu replay: refused: {exc}", file=sys.stderr)
+            return 1
+    counts = report.counts
+    partial = " (PARTIAL: facts are missing)"
+    archived = f"the audit archive (1-{report.archived}) and " if from_archive else ""
+    print(
+        f"replayed {archived}stream {settings.nats.audit_stream}: "
+        f"tasks rebuilt {counts.tasks}, events applied {counts.applied}, "
+        f"events refused {counts.refused}" + (partial if report.partial else "")
+    )
+    return 0
+
+
+async def _setup(settings: Settings, *, apply: bool) -> int:
+    async with _nats_url(settings) as nats_url:
+        found = await ensure_topology(settings, nats_url, apply=apply)
+    for stream, changes in found.items():
+        for change in changes:
+            print(f"{stream}: {change}")
+    if found and not apply:
+        print("dcu setup: streams differ from the settings; run with --apply to update them")
+        return 1
+    print("dcu setup: streams " + ("updated" if found else "match the settings"))
+    return 0
+
+
+async def _migrate(settings: Settings, *, delete_old: bool) -> int:
+    from dcu.migrate import NothingToMigrate, migrate_streams
+
+    async with _nats_url(settings) as nats_url:
+        try:
+            report = await migrate_streams(settings, nats_url, delete_old=delete_old)
+        except NothingToMigrate as exc:
+            print(f"dcu migrate-streams: {exc}", file=sys.stderr)
+            return 1
+    print(
+        f"migrated stream {settings.nats.stream}: {report.read} messages read, "
+        f"{report.facts} facts in {settings.nats.audit_stream}, {report.dead_letters} dead "
+        f"letters in {settings.nats.work_stream}, {report.skipped} progress/queue messages "
+        "not copied; old stream " + ("deleted" if report.old_stream_deleted else "kept")
+    )
     return 0
 
 
@@ -151,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gateway", "the HTTP gateway"),
         ("persist", "the persistence subscriber"),
         ("timer", "the cleanup timer: publishes cleanup requests on the cron ticks"),
+        ("archiver", "the audit archiver: copies the audit stream to the object store"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", type=Path, default=argparse.SUPPRESS)
@@ -160,6 +246,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--into",
         default=None,
         help="database URL to rebuild into (default: the configured database)",
+    )
+    replay_cmd.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="rebuild even when facts are missing (the stream's head is gone)",
+    )
+    replay_cmd.add_argument(
+        "--from-archive",
+        action="store_true",
+        help="start from the audit archive in the object store, then the stream after it",
+    )
+    setup_cmd = sub.add_parser(
+        "setup", help="create the streams; report where existing ones differ from the settings"
+    )
+    setup_cmd.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    setup_cmd.add_argument(
+        "--apply", action="store_true", help="update existing streams to the settings"
+    )
+    migrate_cmd = sub.add_parser(
+        "migrate-streams", help="move an earlier version's single stream into the three streams"
+    )
+    migrate_cmd.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    migrate_cmd.add_argument(
+        "--delete-old", action="store_true", help="delete the old stream once copied"
     )
     worker = sub.add_parser("worker", help="workers for some roles (stages, cleanup)")
     worker.add_argument("--config", type=Path, default=argparse.SUPPRESS)
@@ -189,6 +299,7 @@ def _bound_malloc() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _bound_malloc()
+    diagnostics.install()
     try:
         settings = load_settings(args.config)
     except Exception as exc:
@@ -197,7 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(settings)
     command = args.command
     if command == "replay":
-        return asyncio.run(_replay(settings, args.into or settings.database.tortoise_url()))
+        target = args.into or settings.database.tortoise_url()
+        return asyncio.run(
+            _replay(
+                settings,
+                target,
+                allow_partial=args.allow_partial,
+                from_archive=args.from_archive,
+            )
+        )
+    if command == "setup":
+        return asyncio.run(_setup(settings, apply=args.apply))
+    if command == "migrate-streams":
+        return asyncio.run(_migrate(settings, delete_old=args.delete_old))
     if command in {"serve", "gateway"} and (refusal := listen_refusal(settings)) is not None:
         print(f"dcu: {refusal}", file=sys.stderr)
         return 2
@@ -228,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 persist=command in {"serve", "persist"},
                 stages=roles,
                 timer=timer,
+                archiver=command == "archiver" or (command == "serve" and settings.archive.enabled),
             )
         )
     return code

@@ -79,11 +79,16 @@ class StageWorkers:
         log.info("stage workers stopped: %s", ", ".join(self.stages))
 
 
-async def ensure_topology(settings: Settings, nats_url: str) -> None:
-    """Create the audit stream before any consumer is declared on it."""
+async def ensure_topology(
+    settings: Settings, nats_url: str, *, apply: bool = False
+) -> dict[str, list[str]]:
+    """Set up the streams before any consumer is declared on them; returns where existing
+    streams differ from the settings (see ``bus.ensure_streams``)."""
     nc = await bus.connect(nats_url, settings.nats, "dcu-setup")
     try:
-        await bus.ensure_stream(nc.jetstream(), settings.nats)
+        return await bus.ensure_streams(
+            nc.jetstream(), settings.nats, apply=apply, peers=bus.cluster_size(nc)
+        )
     finally:
         await nc.close()
 

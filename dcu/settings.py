@@ -148,10 +148,18 @@ class MinioSettings(BaseModel):
 class NatsSettings(BaseModel):
     url: str = ""  # empty: start an embedded nats-server under ``data_dir``
     data_dir: str = "./data/nats"
-    stream: str = "DCU"
+    # Names the three streams (``<stream>_AUDIT``, ``_PROGRESS``, ``_WORK``) and is the
+    # name of the single stream of versions before them (``dcu migrate-streams``).
+    stream: str = Field(default="DCU", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     subject_prefix: str = "dcu"
-    stream_max_age: float = Field(default=30 * 24 * 3600, ge=0)  # seconds; 0 = unlimited
-    stream_max_bytes: int = Field(default=1024**3, ge=-1)  # -1 = unlimited
+    # The audit log: no age limit, and when full it refuses new facts (discard new) rather
+    # than forgetting old ones; -1 (the default): bounded only by the server's JetStream
+    # store, which refuses new messages the same way when full. See docs/events.md.
+    audit_max_bytes: int = Field(default=-1, ge=-1)
+    audit_max_age: float = Field(default=0, ge=0)  # seconds; 0 = keep forever
+    progress_max_age: float = Field(default=24 * 3600, gt=0)  # only the latest per task
+    work_max_age: float = Field(default=30 * 24 * 3600, ge=0)  # dead letters; 0 = forever
+    replicas: int = Field(default=1, ge=1, le=5)
     ack_wait: float = Field(default=30.0, gt=0)
     max_deliver: int = Field(default=20, ge=1)
     user: str = ""
@@ -159,6 +167,18 @@ class NatsSettings(BaseModel):
     token: SecretStr = SecretStr("")
     creds_file: str = ""
     tls_ca_file: str = ""
+
+    @property
+    def audit_stream(self) -> str:
+        return f"{self.stream}_AUDIT"
+
+    @property
+    def progress_stream(self) -> str:
+        return f"{self.stream}_PROGRESS"
+
+    @property
+    def work_stream(self) -> str:
+        return f"{self.stream}_WORK"
 
     @field_validator("subject_prefix")
     @classmethod
@@ -284,6 +304,26 @@ class WorkerSettings(BaseModel):
     watchdog_interval: float = Field(default=30.0, gt=0)
 
 
+class PersistenceSettings(BaseModel):
+    """How the persistence subscriber treats events of a type it does not know (a newer
+    producer during a rolling upgrade): left pending, offered again every
+    ``unknown_retry_delay`` seconds so a newer replica can take it, then recorded as
+    refused once the message is ``unknown_type_grace`` seconds old (0: at once)."""
+
+    unknown_retry_delay: float = Field(default=5.0, gt=0)
+    unknown_type_grace: float = Field(default=300.0, ge=0)
+
+
+class ArchiveSettings(BaseModel):
+    """The audit archiver (``actors.archiver``): the audit stream copied to the object
+    store as chained JSON Lines segments every ``interval`` seconds."""
+
+    enabled: bool = True  # ``dcu serve`` runs the archiver
+    interval: float = Field(default=3600.0, gt=0)
+    segment_max_events: int = Field(default=10_000, ge=1)
+    max_segment_bytes: int = Field(default=256 * 1024**2, ge=1024)  # read limit on replay
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DCU_",
@@ -301,6 +341,8 @@ class Settings(BaseSettings):
     docker: DockerSettings = Field(default_factory=DockerSettings)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
+    archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -569,7 +569,7 @@ class JetStreamBroker(Broker):
     async def _connect(self) -> None:
         """Connect, failing after a few attempts; afterwards reconnect forever."""
         options: dict[str, Any] = {
-            "servers": self.url,
+            "servers": [part.strip() for part in self.url.split(",") if part.strip()],
             "name": f"dcu-broker-{self.stream}",
             "max_reconnect_attempts": _INITIAL_CONNECT_ATTEMPTS,
             "reconnect_time_wait": 1,

@@ -7,7 +7,11 @@ Wire format (any NATS client in any language can read it, no dramatiq needed)::
      "payload": {"image_id": "sha256:...", "bytes": 1234, ...}}
 
 Decoding ignores unknown fields (newer producers may add some) and encoding drops ``None``
-values. ``DecodeError`` keeps the raw bytes so a poison message can be logged and parked.
+values. ``DecodeError`` keeps the raw bytes so a poison message can be logged and parked;
+its subclass ``UnknownEventType`` marks a well-formed event of a type this version does not
+know (a newer producer during a rolling upgrade), which a newer consumer may still read.
+Text that is not Unicode (a lone surrogate, legal in JSON's ``\\uXXXX`` form) is not a
+valid event, nor are ids holding a NUL: no database, subject or header can carry them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +36,14 @@ class DecodeError(ValueError):
     def __init__(self, message: str, raw: bytes) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class UnknownEventType(DecodeError):
+    """A well-formed event whose ``type`` (kept in ``event_type``) this version does not know."""
+
+    def __init__(self, event_type: str, raw: bytes) -> None:
+        super().__init__(f"unknown event type {event_type!r}", raw)
+        self.event_type = event_type
 
 
 class EventType(enum.StrEnum):
@@ -202,6 +215,22 @@ PAYLOADS: dict[EventType, type[Payload]] = {
 }
 
 
+_TYPE_NAMES = frozenset(kind.value for kind in EventType)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: str, name: str, *, ids: bool = False) -> None:
+    """Raise ValueError when ``value`` cannot be stored or sent as UTF-8 text.
+
+    A code point in the surrogate range is always alone here (json pairs escaped halves);
+    NUL is refused in ids only, payload text keeps it (the repository replaces it).
+    """
+    if _SURROGATE.search(value):
+        raise ValueError(f"{name} holds a lone surrogate, not Unicode text")
+    if ids and "\x00" in value:
+        raise ValueError(f"{name} holds a NUL character")
+
+
 # Completion and failure events get ids derived from (task, type): a stage that runs
 # twice for one task (a redelivery after its worker died) publishes the same id again,
 # which JetStream's de-duplication and the persistence log both recognise.
@@ -266,21 +295,43 @@ class Event:
 
     @classmethod
     def from_dict(cls, data: Any, raw: bytes = b"") -> Event:
-        """Build an event from decoded JSON; raises DecodeError when it is not one."""
+        """Build an event from decoded JSON.
+
+        Raises UnknownEventType when the envelope is well-formed but its type is not an
+        EventType, DecodeError when it is not an event at all (a missing or malformed
+        field, a lone surrogate in a kept string, a NUL in an id).
+        """
         if not isinstance(data, dict):
             raise DecodeError("event is not a JSON object", raw)
         try:
-            kind = EventType(data["type"])
+            task_id = str(data["task_id"])
+            event_id = str(data["event_id"])
+            time = parse_time(str(data["time"]))
+            schema_version = int(data.get("schema_version", SCHEMA_VERSION))
+            name = data["type"]
+            if not isinstance(name, str):
+                raise TypeError("type is not a string")
             payload_data = data.get("payload") or {}
             if not isinstance(payload_data, dict):
                 raise TypeError("payload is not an object")
+            _check_text(task_id, "task_id", ids=True)
+            _check_text(event_id, "event_id", ids=True)
+            if name not in _TYPE_NAMES:
+                _check_text(name, "type")
+                raise UnknownEventType(name, raw)
+            payload = PAYLOADS[EventType(name)].from_dict(payload_data)
+            for key, value in dataclasses.asdict(payload).items():
+                if isinstance(value, str):
+                    _check_text(value, f"payload.{key}")
             return cls(
-                task_id=str(data["task_id"]),
-                payload=PAYLOADS[kind].from_dict(payload_data),
-                event_id=str(data["event_id"]),
-                time=parse_time(str(data["time"])),
-                schema_version=int(data.get("schema_version", SCHEMA_VERSION)),
+                task_id=task_id,
+                payload=payload,
+                event_id=event_id,
+                time=time,
+                schema_version=schema_version,
             )
+        except DecodeError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"not a DCU event: {exc!r}", raw) from exc
 

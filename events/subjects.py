@@ -1,10 +1,17 @@
 """The NATS subject scheme. Everything DCU publishes lives under one prefix (``dcu``).
 
-* ``dcu.task.<task_id>.<event_type>``: every fact about a task. Follow one task with
-  ``dcu.task.<task_id>.>``, one kind of fact with ``dcu.task.*.downloaded``.
-* ``dcu.queue.<queue>``: dramatiq messages published by the broker (retries, direct sends).
-* ``dcu.dead.<queue>``: messages a stage gave up on, with the reason.
-* ``dcu.cleanup.<kind>.<event_type>``: scheduled and on-demand cleanup runs.
+Audit stream (``<stream>_AUDIT``): the facts, kept for audits and replay.
+
+* ``dcu.task.<task_id>.<event_type>``: every lifecycle fact about a task. Follow one task
+  with ``dcu.task.<task_id>.>``, one kind of fact with ``dcu.task.*.downloaded``.
+* ``dcu.cleanup.<kind>.<event_type>``: scheduled and on-demand cleanup runs
+  (built in ``events.cleanup``).
+
+Progress stream (``<stream>_PROGRESS``): ``dcu.progress.<task_id>``, the latest progress
+report of each running task (the stream keeps one per subject).
+
+Work stream (``<stream>_WORK``): ``dcu.queue.<queue>`` (dramatiq messages sent to a
+queue) and ``dcu.dead.<queue>`` (messages a stage gave up on, with the reason).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ def all_events(prefix: str = DEFAULT_PREFIX) -> str:
 
 
 def task_event(task_id: str, event_type: EventType, prefix: str = DEFAULT_PREFIX) -> str:
+    """Where ``event_type`` events of ``task_id`` are published (progress included)."""
+    if event_type is EventType.PROGRESS:
+        return progress(task_id, prefix)
     return f"{prefix}.task.{task_id}.{event_type}"
 
 
@@ -27,6 +37,7 @@ def for_event(event: Event, prefix: str = DEFAULT_PREFIX) -> str:
 
 
 def one_task(task_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Every lifecycle fact of one task (its progress is on ``progress(task_id)``)."""
     return f"{prefix}.task.{task_id}.>"
 
 
@@ -34,3 +45,29 @@ def every_task(event_type: EventType | None = None, prefix: str = DEFAULT_PREFIX
     if event_type is None:
         return f"{prefix}.task.>"
     return f"{prefix}.task.*.{event_type}"
+
+
+def progress(task_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}.progress.{task_id}"
+
+
+def every_progress(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}.progress.*"
+
+
+def every_queue(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}.queue.>"
+
+
+def every_dead(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}.dead.>"
+
+
+def task_of(subject: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """The task id a task or progress subject names, None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[0] == prefix and parts[1] == "task":
+        return parts[2]
+    if len(parts) == 3 and parts[0] == prefix and parts[1] == "progress":
+        return parts[2]
+    return None

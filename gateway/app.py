@@ -6,9 +6,7 @@ Resources (NATS connection, database, optional persistence subscriber) live in
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -16,14 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from dcu import bus
-from dcu.errors import DcuError, InvalidInput, NotFound, TooManyRequests, Unauthorized
+from dcu.errors import DcuError, NotFound, Unauthorized
 from dcu.settings import Settings
-from events.platform import InvalidPlatform, parse_platform
-from events.reference import InvalidReference, parse_reference, registry_refusal
-from events.schema import Event, Requested
-from events.states import TaskState
-from gateway import admin, auth, envelope, events_api, openapi, views
-from gateway.http import read_object, respond
+from gateway import admin, auth, envelope, events_api, openapi, start, views
+from gateway.http import respond
 from gateway.keys import API, JETSTREAM, NATS, NATS_URL, SETTINGS
 from persistence import repository
 from persistence.database import close_database, init_database
@@ -33,8 +27,6 @@ log = logging.getLogger(__name__)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Serialises the per-user limit's count-then-create within this gateway.
-START_LOCK = web.AppKey("start_lock", asyncio.Lock)
 
 
 @web.middleware
@@ -65,87 +57,21 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
         return respond(envelope.failure(*envelope.INTERNAL, "internal error"))
 
 
-async def start_task(request: web.Request) -> web.Response:
-    """Validate the request and publish ``requested``.
-
-    With a token the task's username is the token's name (a ``username`` in the body is
-    still validated, then ignored). An optional ``platform`` (``linux/arm64``) goes into the
-    event normalised; absent, the download stage uses ``download.platform``. Raises
-    InvalidInput for a bad body, a bad reference or platform, or a registry outside
-    ``docker.allowed_registries``, TooManyRequests when the user is at
-    ``server.max_active_tasks_per_user``, BusError when NATS does not take the event.
-    """
-    data = await read_object(request)
-    authenticated = request.get(auth.USER)
-    if authenticated is None and "username" not in data:
-        raise InvalidInput("missing field: username")
-    if "docker_image_name" not in data:
-        raise InvalidInput("missing field: docker_image_name")
-    username = views.check_username(data["username"]) if "username" in data else ""
-    if authenticated is not None:
-        username = authenticated  # the token's name wins; the body's was only checked
-    try:
-        ref = parse_reference(data["docker_image_name"])
-    except InvalidReference as exc:
-        raise InvalidInput(str(exc)) from None
-    if len(ref.original) > 500:
-        raise InvalidInput("docker_image_name is longer than 500 characters")
-    settings = request.app[SETTINGS]
-    refusal = registry_refusal(ref, settings.docker.allowed_registries)
-    if refusal is not None:
-        raise InvalidInput(refusal)
-    platform = None
-    if "platform" in data:
-        try:
-            platform = str(parse_platform(data["platform"]))
-        except InvalidPlatform as exc:
-            raise InvalidInput(str(exc)) from None
-    event = Event(
-        task_id=str(uuid.uuid4()),
-        payload=Requested(username=username, docker_image_name=ref.original, platform=platform),
-    )
-    limit = settings.server.max_active_tasks_per_user
-    if limit:
-        async with request.app[START_LOCK]:
-            active = await repository.count_active(username)
-            if active >= limit:
-                log.warning(
-                    "start by %s refused: %d unfinished tasks, limit %d", username, active, limit
-                )
-                raise TooManyRequests(
-                    f"user {username} already has {active} unfinished tasks, the limit is "
-                    f"{limit}; try again when one has ended"
-                )
-            await _publish_requested(request, event)
-    else:
-        await _publish_requested(request, event)
-    log.info(
-        "task %s: requested %s for %s by %s",
-        event.task_id,
-        ref,
-        platform or "the default platform",
-        username,
-    )
-    return respond(
-        envelope.ok({"task_id": event.task_id, "state": TaskState.IDLE.value}, envelope.STARTED)
-    )
-
-
-async def _publish_requested(request: web.Request, event: Event) -> None:
-    settings = request.app[SETTINGS]
-    await bus.publish(request.app[JETSTREAM], event, settings.nats.subject_prefix)
-    # The subscriber records the same event; recording it here as well means a status
-    # query (or the per-user count) right after this response can never miss the task.
-    await repository.create_if_absent(event)
-
-
 async def task_status(request: web.Request) -> web.Response:
+    """The task's row; without one (the subscriber has not recorded it yet), the task as
+    its ``requested`` event in the stream shows it, idle. Raises NotFound when neither
+    knows it, BusError when the stream cannot be read, DatabaseError."""
     task_id = views.check_task_id(request.match_info["task_id"])
+    task: views.TaskLike
     try:
         task = await repository.get(task_id)
     except NotFound:
-        raise NotFound(f"task {task_id} not found") from None
-    detail = await repository.get_detail(task_id)
+        found = await start.stream_task(request.app, task_id)
+        if found is None:
+            raise NotFound(f"task {task_id} not found") from None
+        task, detail = found
+    else:
+        detail = await repository.get_detail(task_id)
     return respond(envelope.ok(views.task_view(task, datetime.now(UTC), _detail_view(detail))))
 
 
@@ -209,7 +135,6 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     nc = await bus.connect(app[NATS_URL], settings.nats, "dcu-gateway")
     js = nc.jetstream()
-    await bus.ensure_stream(js, settings.nats)
     app[NATS] = nc
     app[JETSTREAM] = js
     yield
@@ -237,13 +162,13 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[NATS_URL] = nats_url
-    app[START_LOCK] = asyncio.Lock()
+    start.setup(app)
     auth.setup(app)
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_nats_ctx)
     if with_persistence:
         app.cleanup_ctx.append(_persistence_ctx)
-    app.router.add_post(f"{API}/start", start_task)
+    app.router.add_post(f"{API}/start", start.start_task)
     app.router.add_get(f"{API}/status/{{task_id}}", task_status)
     app.router.add_get(f"{API}/query", query_tasks)
     app.router.add_get(f"{API}/health", health)

@@ -37,6 +37,7 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from dcu.errors import BusError, DcuError, InvalidInput, NotFound, UpstreamTimeout
 from dcu.settings import Settings
@@ -253,7 +254,7 @@ async def read_history(
     stopping early, so the consumer is removed.
     """
     subject = subjects.one_task(task_id, settings.nats.subject_prefix)
-    stream = settings.nats.stream
+    stream = settings.nats.audit_stream
     try:
         subscription = await js.subscribe(
             subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
@@ -294,8 +295,28 @@ async def read_history(
             await subscription.unsubscribe()
 
 
-async def _subscribe_live(nc: Client, subject: str, feed: LiveFeed) -> Subscription:
-    """A core NATS subscription feeding ``feed``, confirmed by the server (flush).
+async def latest_progress(
+    js: JetStreamContext, settings: Settings, task_id: str
+) -> tuple[int, Event] | None:
+    """The task's latest progress report (the progress stream keeps only that one) with
+    its sequence in the progress stream; None when there is none. Raises BusError."""
+    subject = subjects.progress(task_id, settings.nats.subject_prefix)
+    try:
+        message = await js.get_last_msg(settings.nats.progress_stream, subject)
+    except NotFoundError:
+        return None
+    except (NatsError, TimeoutError) as exc:
+        raise BusError(f"cannot read the progress of task {task_id}: {exc!r}") from exc
+    try:
+        return message.seq or 0, Event.decode(message.data or b"")
+    except DecodeError:
+        return None
+
+
+async def _subscribe_live(
+    nc: Client, subject_list: list[str], feed: LiveFeed
+) -> list[Subscription]:
+    """Core NATS subscriptions feeding ``feed``, confirmed by the server (flush).
 
     Raises BusError when NATS refuses or does not answer.
     """
@@ -305,12 +326,16 @@ async def _subscribe_live(nc: Client, subject: str, feed: LiveFeed) -> Subscript
         if event is not None:
             feed.push(event)
 
+    opened: list[Subscription] = []
     try:
-        subscription = await nc.subscribe(subject, cb=deliver)
+        for subject in subject_list:
+            opened.append(await nc.subscribe(subject, cb=deliver))
         await nc.flush(timeout=5)
     except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot subscribe to {subject}: {exc!r}") from exc
-    return subscription
+        for subscription in opened:
+            await _unsubscribe(subscription)
+        raise BusError(f"cannot subscribe to {subject_list}: {exc!r}") from exc
+    return opened
 
 
 async def _unsubscribe(subscription: Subscription) -> None:
@@ -318,11 +343,14 @@ async def _unsubscribe(subscription: Subscription) -> None:
         await subscription.unsubscribe()
 
 
-async def _close_live(app: web.Application, feed: LiveFeed, subscription: Subscription) -> None:
+async def _close_live(
+    app: web.Application, feed: LiveFeed, subscriptions: list[Subscription]
+) -> None:
     """Undo what opening a live stream did: unregister, drop the feed, unsubscribe."""
     app[STREAMS].feeds.discard(feed)
     feed.discard()
-    await _unsubscribe(subscription)
+    for subscription in subscriptions:
+        await _unsubscribe(subscription)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -392,6 +420,19 @@ class _SseWriter:
         return self.response
 
 
+def _with_progress(
+    history: list[tuple[int, Event]], progress: tuple[int, Event]
+) -> list[tuple[int, Event]]:
+    """The audit history with the latest progress report placed by its time (before a
+    terminal event it preceded). Its ``seq`` is its sequence in the progress stream."""
+    merged = [item for item in history if item[1].event_id != progress[1].event_id]
+    position = len(merged)
+    while position and merged[position - 1][1].time > progress[1].time:
+        position -= 1
+    merged.insert(position, progress)
+    return merged
+
+
 # --- handlers --------------------------------------------------------------------------
 
 
@@ -411,15 +452,20 @@ async def task_history(request: web.Request) -> web.Response:
         task_id,
         deadline=time.monotonic() + HISTORY_TIMEOUT,
     )
+    collected: list[tuple[int, Event]] = []
     async with contextlib.aclosing(history):
         async for seq, event in history:
             found = True
-            if not include_progress and event.type == EventType.PROGRESS:
-                continue
-            if len(items) >= MAX_EVENTS:
-                truncated = True
-                break
-            items.append({**event.to_dict(), "seq": seq})
+            collected.append((seq, event))
+    if include_progress and (
+        progress := await latest_progress(request.app[JETSTREAM], settings, task_id)
+    ):
+        collected = _with_progress(collected, progress)
+    for seq, event in collected:
+        if len(items) >= MAX_EVENTS:
+            truncated = True
+            break
+        items.append({**event.to_dict(), "seq": seq})
     if not found:
         raise NotFound(f"no events for task {task_id}")
     data = {"task_id": task_id, "total": len(items), "truncated": truncated, "events": items}
@@ -440,8 +486,11 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     feed = LiveFeed()
-    subject = subjects.one_task(task_id, settings.nats.subject_prefix)
-    subscription = await _subscribe_live(app[NATS], subject, feed)
+    prefix = settings.nats.subject_prefix
+    live = [subjects.one_task(task_id, prefix)]
+    if include_progress:
+        live.append(subjects.progress(task_id, prefix))
+    subscription = await _subscribe_live(app[NATS], live, feed)
     app[STREAMS].add(feed)
     writer = _SseWriter(request)
     reason = "ended"
@@ -455,19 +504,26 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             if include_progress or event.type != EventType.PROGRESS:
                 await writer.event(event)
 
+        collected: list[tuple[int, Event]] = []
         history = read_history(app[JETSTREAM], settings, task_id)
         async with contextlib.aclosing(history):
-            async for _seq, event in history:
-                found = True
-                seen.add(event.event_id)
-                terminal = terminal or event.type in TERMINAL
-                if not resumed:
-                    held.append(event)
-                    if event.event_id == resume_after:
-                        resumed = True
-                        held.clear()
-                    continue
-                await send(event)
+            async for seq, event in history:
+                collected.append((seq, event))
+        if include_progress and (
+            progress := await latest_progress(app[JETSTREAM], settings, task_id)
+        ):
+            collected = _with_progress(collected, progress)
+        for _seq, event in collected:
+            found = True
+            seen.add(event.event_id)
+            terminal = terminal or event.type in TERMINAL
+            if not resumed:
+                held.append(event)
+                if event.event_id == resume_after:
+                    resumed = True
+                    held.clear()
+                continue
+            await send(event)
         if not found:
             raise NotFound(f"no events for task {task_id}")
         for event in held:
@@ -509,8 +565,13 @@ async def all_tasks_stream(request: web.Request) -> web.StreamResponse:
     event_type = parse_event_type(request.query)
     app = request.app
     feed = LiveFeed()
-    subject = subjects.every_task(event_type, app[SETTINGS].nats.subject_prefix)
-    subscription = await _subscribe_live(app[NATS], subject, feed)
+    prefix = app[SETTINGS].nats.subject_prefix
+    if event_type is None:
+        live = [subjects.every_task(prefix=prefix), subjects.every_progress(prefix)]
+    else:
+        live = [subjects.every_task(event_type, prefix)]
+    subject = ", ".join(live)
+    subscription = await _subscribe_live(app[NATS], live, feed)
     app[STREAMS].add(feed)
     writer = _SseWriter(request)
     reason = "ended"

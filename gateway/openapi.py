@@ -28,7 +28,7 @@ from dcu.settings import AuthSettings
 from events.platform import DEFAULT_PLATFORM, PLATFORM_MAX, PLATFORM_PATTERN
 from events.schema import EventType
 from events.states import PROGRESS, TaskState
-from gateway import views
+from gateway import start, views
 from gateway.keys import API, SETTINGS
 
 PATH = "/openapi.json"
@@ -120,7 +120,12 @@ def _schemas(auth: AuthSettings) -> dict[str, Schema]:
             "required": ["task_id", "state"],
             "properties": {
                 "task_id": {"type": "string", "format": "uuid"},
-                "state": {"type": "string", "enum": [TaskState.IDLE.value]},
+                "state": {
+                    "type": "string",
+                    "enum": states,
+                    "description": "`idle` for a new task; a start repeated with its "
+                    "`Idempotency-Key` answers the task's current state.",
+                },
             },
         },
         "Task": {
@@ -338,6 +343,10 @@ def _responses() -> dict[str, Schema]:
             _envelope(429, {"nullable": True}),
         ),
         "NotFound": _json("No such task, or an unknown route.", _envelope(404)),
+        "Conflict": _json(
+            "The `Idempotency-Key` was used for a different request (another image or platform).",
+            _envelope(409),
+        ),
         "MethodNotAllowed": {
             **_json("A method the path does not take (any path).", _envelope(405)),
             "headers": {"Allow": {"schema": {"type": "string"}}},
@@ -361,6 +370,7 @@ def _errors(*names: str) -> dict[str, Schema]:
         "Unauthorized": "401",
         "TooManyRequests": "429",
         "NotFound": "404",
+        "Conflict": "409",
         "PayloadTooLarge": "413",
         "Unavailable": "503",
         "GatewayTimeout": "504",
@@ -421,6 +431,27 @@ def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
                 "operationId": "startTask",
                 "tags": ["tasks"],
                 "summary": "Request a task: pull, compress and upload one image.",
+                "description": "Answers once the `requested` event is stored in JetStream; "
+                "the task's row follows from it (`/status` shows the task at once). With an "
+                "`Idempotency-Key` the task id follows from the username and the key: a "
+                "repeated start answers the same task, and starts no other.",
+                "parameters": [
+                    {
+                        "name": start.IDEMPOTENCY_HEADER,
+                        "in": "header",
+                        "required": False,
+                        "description": f"1-{start.IDEMPOTENCY_KEY_MAX} printable ASCII "
+                        "characters (space to `~`, none around it), else a 400. The same user's "
+                        "start with the same key answers the same task; with another image or "
+                        "platform it is a 409.",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": start.IDEMPOTENCY_KEY_MAX,
+                            "pattern": start.IDEMPOTENCY_KEY_PATTERN,
+                        },
+                    }
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("schemas", "StartRequest")}},
@@ -433,6 +464,7 @@ def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
                     **_errors(
                         "BadRequest",
                         "Unauthorized",
+                        "Conflict",
                         "PayloadTooLarge",
                         "TooManyRequests",
                         "Unavailable",
@@ -445,6 +477,8 @@ def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
                 "operationId": "getTask",
                 "tags": ["tasks"],
                 "summary": "One task, with its live stage figures.",
+                "description": "Until the persistence subscriber has recorded a task just "
+                "started, its `requested` event in the stream answers for it (`idle`).",
                 "parameters": [_task_id()],
                 "responses": {
                     **_ok("The task.", _ref("schemas", "Task")),

@@ -5,6 +5,9 @@
   or refused), keyed by the event id so a redelivered event is recognised.
 * ``dcu_task_details`` holds facts the seed's table has no column for (image id, sizes,
   checksum, bucket, live progress, platform, manifest digest, reuse), one row per task.
+* ``dcu_refused_events`` keeps the stream messages persistence could not record at all
+  (not an event, an unknown type past its grace, a value no column can hold), one row per
+  stream position, so a poison message is terminated without being lost.
 
 Nothing outside ``persistence`` sees these classes: the repository translates rows into
 the frozen records of ``persistence.repository``. Every datetime is timezone-aware UTC.
@@ -93,3 +96,31 @@ class TaskDetail(Model):
         table = "dcu_task_details"
         table_description = "Task facts beyond the seed's columns"
         app = APP_LABEL
+
+
+class RefusedEvent(Model):
+    """A stream message that is not a recordable event, kept with the reason and its bytes.
+
+    Keyed by its stream position, so a redelivery records it once. ``time`` is the
+    message's stream timestamp, never the wall clock: a replay rebuilds identical rows.
+    """
+
+    id = fields.IntField(primary_key=True)
+    stream = fields.CharField(max_length=255)
+    stream_seq = fields.BigIntField()
+    subject = fields.TextField()
+    event_id = fields.CharField(max_length=100, null=True)  # null: no readable envelope
+    task_id = fields.CharField(max_length=100, null=True)
+    event_type = fields.CharField(max_length=50, null=True)
+    reason = fields.TextField()
+    # The message bytes as UTF-8 with backslash escapes, cut at the repository's RAW_MAX
+    # (column ``raw``: Tortoise's Model reserves the attribute name).
+    raw_text = fields.TextField(source_field="raw")
+    raw_truncated = fields.BooleanField()
+    time = fields.DatetimeField()
+
+    class Meta:
+        table = "dcu_refused_events"
+        table_description = "Stream messages persistence refused to record, with the reason"
+        app = APP_LABEL
+        unique_together = (("stream", "stream_seq"),)

@@ -12,27 +12,35 @@ recorded, not ignored. Refused events (illegal, already there, unknown task, inv
 recorded in the transition log with ``applied = False`` and the reason; ``apply`` never
 raises for them. Once a task is terminal its row and details no longer change.
 
+Stream messages that cannot be recorded as task events at all (not an event, an unknown
+type, a value the driver cannot encode) are kept by ``record_refused`` in their own table,
+keyed by stream position, so the subscriber can terminate them without losing them.
+
 Callers get frozen dataclasses, never Tortoise objects. Every method raises
-``persistence.database.DatabaseError`` when the database fails. The module-level functions
+``persistence.database.DatabaseError`` when the database fails, and ``UnstorableEvent``
+(not a DatabaseError: retrying cannot help) when the event holds a value the database
+driver cannot encode or the database refuses as data. The module-level functions
 (``get``, ``query``, ``create_if_absent``, ``ping``...) do the same on the database
 ``init_database`` opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import asyncpg
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from dcu.errors import InvalidInput, NotFound
+from dcu.errors import DcuError, InvalidInput, NotFound
 from events.platform import PLATFORM_MAX
 from events.schema import (
     Compressed,
@@ -46,7 +54,7 @@ from events.schema import (
 )
 from events.states import TERMINAL_STATES, TaskState, Verdict, decide
 from persistence.database import Database, default_database, translated
-from persistence.models import DcuTask, TaskDetail, TaskTransition
+from persistence.models import DcuTask, RefusedEvent, TaskDetail, TaskTransition
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,14 @@ BIGINT_MAX = 2**63 - 1
 SQLITE_TAKE_WRITE_LOCK = 'UPDATE "dcu_tasks" SET "id" = "id" WHERE 1 = 0'
 # How often a write that lost a race (unique constraint) is judged again.
 WRITE_ATTEMPTS = 3
+RAW_MAX = 64 * 1024  # bytes of a refused message kept in ``dcu_refused_events.raw``
+ID_MAX = 100  # task and event id columns
+EVENT_TYPE_MAX = 50
+
+
+class UnstorableEvent(DcuError):
+    """The event holds a value the database cannot take (text the driver cannot encode,
+    data PostgreSQL refuses); unlike DatabaseError, retrying the same event cannot help."""
 
 
 class ApplyOutcome(enum.StrEnum):
@@ -119,6 +135,27 @@ class TransitionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedEventRecord:
+    """One stream message persistence refused to record; ``time`` is its stream timestamp.
+
+    ``raw`` holds the message bytes as UTF-8 with backslash escapes (``\\xff``, ``\\x00``),
+    at most RAW_MAX bytes of them; ``raw_truncated`` says the message was longer.
+    """
+
+    id: int
+    stream: str
+    stream_seq: int
+    subject: str
+    event_id: str | None
+    task_id: str | None
+    event_type: str | None
+    reason: str
+    raw: str
+    raw_truncated: bool
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class TaskDetailRecord:
     """Facts about a task beyond the seed's columns; ``stage_rate`` in bytes per second.
 
@@ -164,6 +201,64 @@ def truncate_message(text: str, limit: int = ERROR_MESSAGE_MAX) -> str:
     if len(text) <= limit:
         return text
     return text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what no text column can hold escaped: lone surrogates as ``\\udXXX``,
+    NUL (refused by PostgreSQL) as ``\\x00``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def raw_text(raw: bytes) -> tuple[str, bool]:
+    """The start of ``raw`` (RAW_MAX bytes) as storable text, and whether it was cut."""
+    text = raw[:RAW_MAX].decode("utf-8", "backslashreplace")
+    return storable_text(text), len(raw) > RAW_MAX
+
+
+def _unstorable_cause(exc: BaseException) -> BaseException | None:
+    """The encoding or data error behind a driver error, None for a database failure.
+
+    SQLite's driver raises UnicodeEncodeError itself; asyncpg wraps it (and PostgreSQL's
+    class 22 data exceptions, e.g. NUL in text) in its DataError, which Tortoise wraps in
+    OperationalError.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UnicodeEncodeError | asyncpg.exceptions.DataError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def _storable(what: str) -> Iterator[None]:
+    """Re-raise a driver's encoding or data error as ``UnstorableEvent``."""
+    try:
+        yield
+    except DcuError:
+        raise
+    except Exception as exc:
+        cause = _unstorable_cause(exc)
+        if cause is None:
+            raise
+        message = f"{what}: {type(cause).__name__}: {cause}"
+        raise UnstorableEvent(storable_text(message)) from exc
+
+
+def _refused_record(row: RefusedEvent) -> RefusedEventRecord:
+    return RefusedEventRecord(
+        id=row.id,
+        stream=row.stream,
+        stream_seq=row.stream_seq,
+        subject=row.subject,
+        event_id=row.event_id,
+        task_id=row.task_id,
+        event_type=row.event_type,
+        reason=row.reason,
+        raw=row.raw_text,
+        raw_truncated=bool(row.raw_truncated),
+        time=utc(row.time),
+    )
 
 
 class _Invalid(Exception):
@@ -322,7 +417,7 @@ class TaskRepository:
         return self._database if self._database is not None else default_database()
 
     async def _run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        with self.database.activate(), translated(what):
+        with self.database.activate(), translated(what), _storable(what):
             return await operation()
 
     async def _write(self, what: str, operation: Callable[[BaseDBAsyncClient], Awaitable[T]]) -> T:
@@ -356,7 +451,9 @@ class TaskRepository:
 
         Never raises for an event the state machine or the schema refuses: it is recorded
         in the transition log (when its ids fit) and the outcome says why. Raises
-        DatabaseError only when the database fails; retrying the same event is then safe.
+        DatabaseError when the database fails (retrying the same event is then safe) and
+        UnstorableEvent when the driver cannot encode one of its values (nothing written;
+        retrying cannot help: record it with ``record_refused``).
         """
         if event.type is EventType.PROGRESS:
             return await self._apply_progress(event)
@@ -368,10 +465,10 @@ class TaskRepository:
     async def create_if_absent(self, event: Event) -> TaskRecord:
         """Create the task of a ``REQUESTED`` event unless it exists; return its row.
 
-        For the gateway, right after publishing the event, so a status query never 404s;
-        applying the same event later is a duplicate no-op. Raises ValueError when the event
-        is not a REQUESTED event, InvalidInput when its values do not fit the table, and
-        DatabaseError when the database fails.
+        Applying the same event later is a duplicate no-op (the gateway no longer calls
+        this: start is one write, the stream's ``requested`` event; see gateway.start).
+        Raises ValueError when the event is not a REQUESTED event, InvalidInput when its
+        values do not fit the table, and DatabaseError when the database fails.
         """
         if not isinstance(event.payload, Requested):
             raise ValueError(f"create_if_absent needs a requested event, not {event.type}")
@@ -605,6 +702,65 @@ class TaskRepository:
         await self._run(f"cannot record progress of task {event.task_id}", upsert)
         return ApplyOutcome.PROGRESS
 
+    async def record_refused(
+        self,
+        *,
+        stream: str,
+        stream_seq: int,
+        subject: str,
+        reason: str,
+        raw: bytes,
+        time: datetime,
+        event_id: str | None = None,
+        task_id: str | None = None,
+        event_type: str | None = None,
+    ) -> bool:
+        """Keep the message at ``stream_seq`` of ``stream`` as refused, with ``reason``.
+
+        ``time`` is the message's stream timestamp; ``raw`` is cut at RAW_MAX bytes and
+        every text is made storable (escaped, cut to its column), so this never fails on
+        the message's content. Idempotent by stream position: returns False when the
+        message was already recorded (a redelivery, a replay). Raises DatabaseError.
+        """
+        text, truncated = raw_text(raw)
+
+        def fitted(value: str | None, limit: int) -> str | None:
+            return None if value is None else storable_text(value)[:limit]
+
+        values: dict[str, Any] = {
+            "subject": storable_text(subject),
+            "event_id": fitted(event_id, ID_MAX),
+            "task_id": fitted(task_id, ID_MAX),
+            "event_type": fitted(event_type, EVENT_TYPE_MAX),
+            "reason": truncate_message(storable_text(reason)),
+            "raw_text": text,
+            "raw_truncated": truncated,
+            "time": utc(time),
+        }
+
+        async def insert(connection: BaseDBAsyncClient) -> bool:
+            position = RefusedEvent.filter(stream=stream, stream_seq=stream_seq)
+            if await position.using_db(connection).exists():
+                return False
+            await RefusedEvent.create(
+                using_db=connection, stream=stream, stream_seq=stream_seq, **values
+            )
+            return True
+
+        recorded = await self._write(
+            f"cannot record refused message {stream_seq} of stream {stream}", insert
+        )
+        if recorded:
+            log.warning(
+                "task %s: message %s (%s) of stream %s recorded as refused: %s",
+                values["task_id"],
+                stream_seq,
+                values["event_type"],
+                stream,
+                values["reason"],
+            )
+        return recorded
+
     # -- reads ------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> TaskRecord:
@@ -697,6 +853,20 @@ class TaskRepository:
 
         return await self._run(f"cannot count active tasks of {username}", read)
 
+    async def refused_events(self, limit: int = 100) -> list[RefusedEventRecord]:
+        """The ``limit`` most recent refused messages, newest (by stream time) first.
+
+        Raises InvalidInput when ``limit`` is below 1.
+        """
+        if limit < 1:
+            raise InvalidInput("limit must be at least 1")
+
+        async def read() -> list[RefusedEvent]:
+            return await RefusedEvent.all().order_by("-time", "-stream_seq").limit(limit)
+
+        rows = await self._run("cannot read refused events", read)
+        return [_refused_record(row) for row in rows]
+
     async def ping(self) -> None:
         """Check the database answers (health checks); raises DatabaseError when not."""
 
@@ -762,6 +932,37 @@ async def active_tasks(older_than: datetime) -> list[TaskRecord]:
 async def count_active(username: str) -> int:
     """``TaskRepository.count_active`` on the default database."""
     return await TaskRepository().count_active(username)
+
+
+async def record_refused(
+    *,
+    stream: str,
+    stream_seq: int,
+    subject: str,
+    reason: str,
+    raw: bytes,
+    time: datetime,
+    event_id: str | None = None,
+    task_id: str | None = None,
+    event_type: str | None = None,
+) -> bool:
+    """``TaskRepository.record_refused`` on the default database."""
+    return await TaskRepository().record_refused(
+        stream=stream,
+        stream_seq=stream_seq,
+        subject=subject,
+        reason=reason,
+        raw=raw,
+        time=time,
+        event_id=event_id,
+        task_id=task_id,
+        event_type=event_type,
+    )
+
+
+async def refused_events(limit: int = 100) -> list[RefusedEventRecord]:
+    """``TaskRepository.refused_events`` on the default database (raises InvalidInput)."""
+    return await TaskRepository().refused_events(limit)
 
 
 async def ping() -> None:

@@ -4,22 +4,36 @@
 (``<prefix>.task.>``, explicit ack, deliver all, one message in flight) and hands each
 event to the repository, one at a time, in stream order:
 
-* decoded and recorded (whatever the state machine said): ack;
-* not an event (``DecodeError``): logged with the start of the raw bytes, ``term()``;
-* the database failed: logged, ``nak`` with a growing delay. With one message in flight
-  nothing overtakes it, so the order holds and nothing is lost while the database is down.
+* decoded and recorded (whatever the state machine said): ``ack_sync`` (confirmed by the
+  server; a lost ack only means a redelivery, which applying again ignores). A long apply
+  sends ``in_progress`` every third of ``ack_wait`` so it is not redelivered mid-way;
+* the database failed (``DatabaseError``): logged, ``nak`` with a growing delay. With one
+  message in flight nothing overtakes it, so the order holds and nothing is lost while the
+  database is down;
+* an event of a type this version does not know (``UnknownEventType``, a newer producer
+  during a rolling upgrade): ``nak`` after ``unknown_retry_delay`` so a newer replica
+  sharing the durable can take it, until the message is ``unknown_type_grace`` old; then
+  refused as below;
+* anything else (not an event, text the database cannot encode, a bug in applying it):
+  recorded as refused (``dcu_refused_events``: stream position, reason, raw bytes) and
+  ``term()``, so one poison message never halts persistence. When even that record fails,
+  ``nak`` with the growing delay: the message is retried, never dropped unrecorded.
 
 NATS outages are ridden out: nats-py reconnects, and the fetch loop keeps going after
 timeouts and errors with a short backoff. ``rebuild_from_stream`` replays the whole stream
-into an empty database with an ephemeral ordered consumer (``dcu replay``).
+into an empty database with an ephemeral ordered consumer (``dcu replay``), refusing
+what the live subscriber would refuse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from nats.aio.msg import Msg
@@ -29,16 +43,18 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
-from dcu import bus
 from dcu.errors import BusError, DcuError
 from dcu.settings import NatsSettings
 from events import subjects
-from events.schema import DecodeError, Event
+from events.audit_archive import ArchivedMessage
+from events.schema import DecodeError, Event, EventType, UnknownEventType, utcnow
+from persistence.database import DatabaseError
 from persistence.repository import ApplyOutcome
 
 log = logging.getLogger(__name__)
 
 RAW_LOG_LIMIT = 200  # bytes of an undecodable message shown in the log
+ACK_TIMEOUT = 5.0  # seconds ``ack_sync`` waits for the server's confirmation
 
 
 class EventSink(Protocol):
@@ -46,13 +62,42 @@ class EventSink(Protocol):
 
     async def apply(self, event: Event, stream_seq: int | None) -> ApplyOutcome: ...
 
+    async def record_refused(
+        self,
+        *,
+        stream: str,
+        stream_seq: int,
+        subject: str,
+        reason: str,
+        raw: bytes,
+        time: datetime,
+        event_id: str | None = None,
+        task_id: str | None = None,
+        event_type: str | None = None,
+    ) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayCounts:
+    """What a rebuild did: events applied (whatever the state machine said), messages
+    recorded as refused, and tasks whose ``requested`` event was applied."""
+
+    applied: int
+    refused: int
+    tasks: int
+    progress: int = 0  # latest progress reports applied from the progress stream
+
 
 def consumer_name(settings: NatsSettings) -> str:
     return f"{settings.stream}-persistence"
 
 
+def progress_consumer_name(settings: NatsSettings) -> str:
+    return f"{settings.stream}-persistence-progress"
+
+
 def consumer_config(settings: NatsSettings) -> ConsumerConfig:
-    """The durable consumer: every task event from the start, one unacked at a time."""
+    """The audit durable: every task fact from the start, one unacked at a time."""
     return ConsumerConfig(
         durable_name=consumer_name(settings),
         description="DCU persistence: records every task event in the database",
@@ -65,8 +110,23 @@ def consumer_config(settings: NatsSettings) -> ConsumerConfig:
     )
 
 
+def progress_consumer_config(settings: NatsSettings) -> ConsumerConfig:
+    """The progress durable: the latest report per task; order does not matter (an
+    older report never replaces a newer one in the database)."""
+    return ConsumerConfig(
+        durable_name=progress_consumer_name(settings),
+        description="DCU persistence: records the latest progress of each task",
+        filter_subject=subjects.every_progress(settings.subject_prefix),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait,
+        max_deliver=-1,
+        max_ack_pending=256,
+    )
+
+
 class PersistenceSubscriber:
-    """Feeds the durable consumer's events to ``repository.apply`` until stopped."""
+    """Feeds the durable consumers' events to ``repository.apply`` until stopped."""
 
     def __init__(
         self,
@@ -77,6 +137,9 @@ class PersistenceSubscriber:
         fetch_timeout: float = 5.0,
         retry_delay: float = 1.0,
         max_retry_delay: float = 60.0,
+        unknown_retry_delay: float = 5.0,
+        unknown_type_grace: float = 300.0,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._js = js
         self._settings = settings
@@ -84,8 +147,13 @@ class PersistenceSubscriber:
         self._fetch_timeout = fetch_timeout
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
+        self._unknown_retry_delay = unknown_retry_delay
+        self._unknown_type_grace = unknown_type_grace
+        self._clock = clock
         self._subscription: JetStreamContext.PullSubscription | None = None
+        self._progress_subscription: JetStreamContext.PullSubscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self._progress_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._busy = False
 
@@ -94,33 +162,40 @@ class PersistenceSubscriber:
         return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
-        """Create the stream and durable consumer when missing and start consuming.
+        """Create the durable consumers when missing and start consuming: task facts
+        from the audit stream, progress from the progress stream (both must exist, see
+        ``bus.ensure_streams``).
 
         Raises BusError when JetStream cannot be reached; RuntimeError when started twice.
         """
         if self._task is not None:
             raise RuntimeError("persistence subscriber already started")
         name = consumer_name(self._settings)
+        audit, progress = self._settings.audit_stream, self._settings.progress_stream
         try:
-            await bus.ensure_stream(self._js, self._settings)
-            await self._ensure_consumer()
-            self._subscription = await self._js.pull_subscribe_bind(
-                durable=name, stream=self._settings.stream
+            await self._ensure_consumer(audit, consumer_config(self._settings))
+            await self._ensure_consumer(progress, progress_consumer_config(self._settings))
+            self._subscription = await self._js.pull_subscribe_bind(durable=name, stream=audit)
+            self._progress_subscription = await self._js.pull_subscribe_bind(
+                durable=progress_consumer_name(self._settings), stream=progress
             )
         except (NatsError, TimeoutError) as exc:
             raise BusError(f"cannot start consumer {name}: {exc}") from exc
         self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name=name)
+        self._task = asyncio.create_task(self._run(self._subscription), name=name)
+        self._progress_task = asyncio.create_task(
+            self._run(self._progress_subscription, track_busy=False),
+            name=progress_consumer_name(self._settings),
+        )
         log.info("persistence subscriber %s started", name)
 
-    async def _ensure_consumer(self) -> None:
+    async def _ensure_consumer(self, stream: str, config: ConsumerConfig) -> None:
         """Create the durable consumer, or update what the server lets change in place."""
-        config = consumer_config(self._settings)
         try:
-            await self._js.add_consumer(self._settings.stream, config)
+            await self._js.add_consumer(stream, config)
         except APIError as exc:
             # e.g. "deliver policy can not be updated": keep the existing consumer
-            await self._js.consumer_info(self._settings.stream, consumer_name(self._settings))
+            await self._js.consumer_info(stream, str(config.durable_name))
             log.warning("consumer %s kept as it is: %s", config.durable_name, exc)
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -130,6 +205,10 @@ class PersistenceSubscriber:
         a no-op). Never raises for the subscriber's own failures.
         """
         self._stopping.set()
+        progress_task, self._progress_task = self._progress_task, None
+        if progress_task is not None:
+            progress_task.cancel()
+            await asyncio.gather(progress_task, return_exceptions=True)
         task, self._task = self._task, None
         if task is not None:
             if not self._busy:
@@ -141,18 +220,20 @@ class PersistenceSubscriber:
             [result] = await asyncio.gather(task, return_exceptions=True)
             if isinstance(result, Exception):
                 log.error("persistence subscriber ended with %r", result)
-        subscription, self._subscription = self._subscription, None
-        if subscription is not None:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await subscription.unsubscribe()
+        for subscription in (self._subscription, self._progress_subscription):
+            if subscription is not None:
+                with contextlib.suppress(NatsError, TimeoutError):
+                    await subscription.unsubscribe()
+        self._subscription = self._progress_subscription = None
         log.info("persistence subscriber %s stopped", consumer_name(self._settings))
 
-    async def _run(self) -> None:
-        assert self._subscription is not None
+    async def _run(
+        self, subscription: JetStreamContext.PullSubscription, *, track_busy: bool = True
+    ) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                messages = await self._subscription.fetch(1, timeout=self._fetch_timeout)
+                messages = await subscription.fetch(1, timeout=self._fetch_timeout)
             except (NatsTimeoutError, TimeoutError):
                 continue
             except Exception as exc:  # keep consuming whatever NATS does
@@ -162,32 +243,45 @@ class PersistenceSubscriber:
                 continue
             backoff = 0.1
             for message in messages:
-                self._busy = True
+                self._busy = self._busy or track_busy
                 try:
                     await self._handle(message)
                 finally:
-                    self._busy = False
+                    if track_busy:
+                        self._busy = False
 
     async def _handle(self, message: Msg) -> None:
-        sequence = message.metadata.sequence.stream
+        metadata = message.metadata
+        sequence = metadata.sequence.stream
         try:
             event = Event.decode(message.data)
-        except DecodeError as exc:
-            log.error(
-                "terminating message %s on %s, not an event (%s): %r",
-                sequence,
-                message.subject,
-                exc,
-                exc.raw[:RAW_LOG_LIMIT],
-            )
-            await _settle(message.term(), "term", sequence)
+        except UnknownEventType as exc:
+            age = (self._clock() - metadata.timestamp).total_seconds()
+            if age < self._unknown_type_grace:
+                log.info(
+                    "message %s has unknown event type %r (%.0fs old), leaving it %.1fs "
+                    "for a newer replica",
+                    sequence,
+                    exc.event_type,
+                    age,
+                    self._unknown_retry_delay,
+                )
+                await _settle(message.nak(delay=self._unknown_retry_delay), "nak", sequence)
+                return
+            reason = f"{_refusal(exc)} after {self._unknown_type_grace:g}s"
+            await self._refuse(message, reason)
+            return
+        except Exception as exc:
+            if not isinstance(exc, DecodeError):
+                log.exception("decoding message %s failed", sequence)
+            await self._refuse(message, _refusal(exc))
             return
         try:
-            outcome = await self._repository.apply(event, sequence)
-        except Exception as exc:  # the database failed (or a bug): retry later, in order
-            delay = self._redelivery_delay(message.metadata.num_delivered)
-            report = log.error if isinstance(exc, DcuError) else log.exception
-            report(
+            async with _kept_alive(message, self._settings.ack_wait / 3):
+                outcome = await self._repository.apply(event, sequence)
+        except DatabaseError as exc:  # retry later, in order
+            delay = self._redelivery_delay(metadata.num_delivered)
+            log.error(
                 "task %s: cannot record %s event %s (seq %s), retrying in %.1fs: %s",
                 event.task_id,
                 event.type,
@@ -198,20 +292,219 @@ class PersistenceSubscriber:
             )
             await _settle(message.nak(delay=delay), "nak", sequence)
             return
+        except Exception as exc:  # the event cannot be stored (or a bug): never retried
+            if not isinstance(exc, DcuError):
+                log.exception("task %s: applying event %s failed", event.task_id, event.event_id)
+            await self._refuse(message, _refusal(exc, event), event)
+            return
         log.debug("task %s: seq %s %s -> %s", event.task_id, sequence, event.type, outcome)
-        await _settle(message.ack(), "ack", sequence)
+        await _settle(message.ack_sync(timeout=ACK_TIMEOUT), "ack", sequence)
+
+    async def _refuse(self, message: Msg, reason: str, event: Event | None = None) -> None:
+        """Record ``message`` as refused and terminate it; nak it when that record fails."""
+        sequence = message.metadata.sequence.stream
+        log.error(
+            "refusing message %s on %s: %s: %r",
+            sequence,
+            message.subject,
+            reason,
+            message.data[:RAW_LOG_LIMIT],
+        )
+        try:
+            await record_refused(self._repository, message, reason, event)
+        except Exception as exc:
+            delay = self._redelivery_delay(message.metadata.num_delivered)
+            report = log.error if isinstance(exc, DatabaseError) else log.exception
+            report("cannot record refused message %s, retrying in %.1fs: %s", sequence, delay, exc)
+            await _settle(message.nak(delay=delay), "nak", sequence)
+            return
+        await _settle(message.term(), "term", sequence)
 
     def _redelivery_delay(self, delivered: int | None) -> float:
         attempt = max(1, delivered or 1)
         return float(min(self._retry_delay * 2 ** min(attempt - 1, 16), self._max_retry_delay))
 
 
-async def _settle(acknowledgement: Awaitable[None], kind: str, seq: int) -> None:
+async def _settle(acknowledgement: Awaitable[object], kind: str, seq: int) -> None:
     """Send an ack/nak/term; a failure only means JetStream redelivers the message."""
     try:
         await acknowledgement
     except Exception as exc:
         log.warning("cannot %s message %s (it will be redelivered): %r", kind, seq, exc)
+
+
+@contextlib.asynccontextmanager
+async def _kept_alive(message: Msg, interval: float) -> AsyncIterator[None]:
+    """While the body runs, tell JetStream every ``interval`` seconds that ``message`` is
+    in progress, so a slow apply is not redelivered to another replica mid-way."""
+
+    async def keep_alive() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await message.in_progress()
+            except Exception as exc:
+                log.debug("in-progress for message %s failed: %r", message.reply, exc)
+
+    task = asyncio.create_task(keep_alive())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _refusal(exc: BaseException, event: Event | None = None) -> str:
+    """Why a message is refused, for the log and ``dcu_refused_events.reason``."""
+    if isinstance(exc, UnknownEventType):
+        return f"unknown event type {exc.event_type!r}"
+    if isinstance(exc, DecodeError):
+        return f"not an event: {exc}"
+    what = "event" if event is None else f"{event.type} event"
+    return f"{what} cannot be recorded: {type(exc).__name__}: {exc}"
+
+
+def _envelope(raw: bytes) -> dict[str, str]:
+    """Whatever ids a message's bytes hold (``event_id``, ``task_id``, ``type``), as text;
+    nothing for bytes that are not a JSON object."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found = {}
+    for key in ("event_id", "task_id", "type"):
+        value = data.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            text = str(value)
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                continue
+            found[key] = text[:100]
+    return found
+
+
+def stored(message: Msg) -> ArchivedMessage:
+    """A delivered JetStream message as the stream stores it."""
+    metadata = message.metadata
+    return ArchivedMessage(
+        stream=metadata.stream,
+        seq=metadata.sequence.stream,
+        subject=message.subject,
+        time=metadata.timestamp,
+        msg_id=(message.headers or {}).get("Nats-Msg-Id", ""),
+        data=message.data,
+    )
+
+
+async def record_refused(
+    sink: EventSink, message: Msg | ArchivedMessage, reason: str, event: Event | None = None
+) -> bool:
+    """Record ``message`` as refused in ``sink``; its ids come from ``event`` when it was
+    decoded, else from whatever envelope the raw bytes hold. Raises as ``sink`` does."""
+    kept = message if isinstance(message, ArchivedMessage) else stored(message)
+    if event is not None:
+        ids = {"event_id": event.event_id, "task_id": event.task_id, "type": str(event.type)}
+    else:
+        ids = _envelope(kept.data)
+    return await sink.record_refused(
+        stream=kept.stream,
+        stream_seq=kept.seq,
+        subject=kept.subject,
+        reason=reason,
+        raw=kept.data,
+        time=kept.time,
+        event_id=ids.get("event_id"),
+        task_id=ids.get("task_id"),
+        event_type=ids.get("type"),
+    )
+
+
+async def read_stream(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    idle_timeout: float = 10.0,
+    *,
+    start_seq: int = 1,
+) -> AsyncGenerator[ArchivedMessage, None]:
+    """Every message on ``subject`` in ``stream`` from ``start_seq``, in order, with an
+    ephemeral ordered consumer (no durable state on the server), until caught up.
+    Raises BusError."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    if start_seq > 1:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq
+        )
+    try:
+        subscription = await js.subscribe(
+            subject, stream=stream, ordered_consumer=True, config=config
+        )
+    except (NatsError, TimeoutError) as exc:
+        raise BusError(f"cannot read stream {stream}: {exc}") from exc
+    try:
+        try:
+            info = await subscription.consumer_info()
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"cannot read stream {stream}: {exc}") from exc
+        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+            return
+        while True:
+            try:
+                message = await subscription.next_msg(timeout=idle_timeout)
+            except (NatsError, TimeoutError) as exc:
+                raise BusError(f"stream {stream} went quiet mid-replay: {exc!r}") from exc
+            yield stored(message)
+            if not message.metadata.num_pending:
+                return
+    finally:
+        with contextlib.suppress(NatsError, TimeoutError):
+            await subscription.unsubscribe()
+
+
+class Rebuild:
+    """Applies stored messages to an (empty) database in order, as the live subscriber
+    would, and counts what it did (``dcu replay``)."""
+
+    def __init__(self, repository: EventSink) -> None:
+        self.repository = repository
+        self.applied = self.refused = self.progress = 0
+        self.tasks: set[str] = set()
+
+    async def apply(self, message: ArchivedMessage) -> None:
+        """Raises DatabaseError when the database fails; everything else is refused."""
+        event: Event | None = None
+        try:
+            event = Event.decode(message.data)
+            outcome = await self.repository.apply(event, message.seq)
+        except DatabaseError:
+            raise
+        except Exception as exc:
+            reason = _refusal(exc, event)
+            log.error("replay: refusing message %s of %s: %s", message.seq, message.stream, reason)
+            await record_refused(self.repository, message, reason, event)
+            self.refused += 1
+            return
+        if outcome is ApplyOutcome.PROGRESS:
+            self.progress += 1
+            return
+        self.applied += 1
+        if event.type is EventType.REQUESTED and outcome is ApplyOutcome.APPLIED:
+            self.tasks.add(event.task_id)
+
+    async def apply_all(self, messages: AsyncIterator[ArchivedMessage]) -> None:
+        async for message in messages:
+            await self.apply(message)
+
+    def counts(self) -> ReplayCounts:
+        return ReplayCounts(
+            applied=self.applied,
+            refused=self.refused,
+            tasks=len(self.tasks),
+            progress=self.progress,
+        )
 
 
 async def rebuild_from_stream(
@@ -220,56 +513,40 @@ async def rebuild_from_stream(
     repository: EventSink,
     *,
     idle_timeout: float = 10.0,
-) -> int:
-    """Apply every task event on the stream, from sequence 1, in order; returns how many.
+    start_seq: int = 1,
+    rebuild: Rebuild | None = None,
+) -> ReplayCounts:
+    """Apply every task fact of the audit stream from ``start_seq``, in order, then the
+    latest progress of each task the progress stream still holds.
 
-    Meant for an empty database (``dcu replay``): with an ephemeral ordered consumer (no
-    durable state on the server) it reads ``<prefix>.task.>`` until it has caught up with
-    the stream. Undecodable messages are logged and skipped (not counted).
-    Raises BusError when JetStream cannot be read or goes quiet for ``idle_timeout``
-    seconds before the end, and DatabaseError when the database fails.
+    Meant for an empty database (``dcu replay``; ``rebuild`` carries on the counts of
+    facts applied before, from the archive). What the live subscriber refuses is
+    recorded as refused here too (an unknown event type at once: a replay has no newer
+    replica to wait for). Raises BusError when JetStream cannot be read or goes quiet for
+    ``idle_timeout`` seconds before the end, and DatabaseError when the database fails.
     """
-    subject = subjects.every_task(prefix=settings.subject_prefix)
-    try:
-        subscription = await js.subscribe(
-            subject,
-            stream=settings.stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot read stream {settings.stream}: {exc}") from exc
-    applied = 0
-    try:
-        try:
-            info = await subscription.consumer_info()
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot read stream {settings.stream}: {exc}") from exc
-        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-            return 0
-        while True:
-            try:
-                message = await subscription.next_msg(timeout=idle_timeout)
-            except (NatsError, TimeoutError) as exc:
-                raise BusError(f"stream {settings.stream} went quiet mid-replay: {exc!r}") from exc
-            metadata = message.metadata
-            sequence = metadata.sequence.stream
-            try:
-                event = Event.decode(message.data)
-            except DecodeError as exc:
-                log.error(
-                    "replay: skipping message %s, not an event (%s): %r",
-                    sequence,
-                    exc,
-                    exc.raw[:RAW_LOG_LIMIT],
-                )
-            else:
-                await repository.apply(event, sequence)
-                applied += 1
-            if not metadata.num_pending:
-                break
-    finally:
-        with contextlib.suppress(NatsError, TimeoutError):
-            await subscription.unsubscribe()
-    log.info("replay: applied %s events from stream %s", applied, settings.stream)
-    return applied
+    rebuild = rebuild or Rebuild(repository)
+    facts = read_stream(
+        js,
+        settings.audit_stream,
+        subjects.every_task(prefix=settings.subject_prefix),
+        idle_timeout,
+        start_seq=start_seq,
+    )
+    async with contextlib.aclosing(facts):
+        await rebuild.apply_all(facts)
+    progress = read_stream(
+        js, settings.progress_stream, subjects.every_progress(settings.subject_prefix), idle_timeout
+    )
+    async with contextlib.aclosing(progress):
+        await rebuild.apply_all(progress)
+    counts = rebuild.counts()
+    log.info(
+        "replay of stream %s: applied %s events, refused %s, tasks rebuilt %s, progress %s",
+        settings.audit_stream,
+        counts.applied,
+        counts.refused,
+        counts.tasks,
+        counts.progress,
+    )
+    return counts

@@ -8,6 +8,7 @@ import os
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +20,7 @@ from dcu.settings import MinioSettings
 
 MIB = 1024 * 1024
 PART = 5 * MIB  # the smallest part S3 accepts, so that a few MiB make a multipart upload
+STALE = 90.0  # seconds: 3 x the default nats.ack_wait, what the upload stage passes
 
 
 def s3_settings(s3_server, **overrides) -> MinioSettings:
@@ -82,12 +84,38 @@ async def test_unfinished_uploads_are_aborted(store: ObjectStore, tmp_path: Path
     source.write_bytes(b"done")
     await store.put_file(other, source, {})
     await _start_unfinished_upload(store, name, tmp_path)
-    # When the next attempt cleans up first
-    assert await store.abort_incomplete(name) == 1
+    # When the next attempt cleans up first, long after the dead one's last part
+    later = datetime.now(UTC) + timedelta(seconds=STALE + 60)
+    assert await store.abort_incomplete(name, older_than=STALE, now=later) == 1
     # Then nothing of the dead attempt is left, and nothing else was touched
-    assert await store.abort_incomplete(name) == 0
+    assert await store.abort_incomplete(name, older_than=None) == 0
     assert await store.stat(name) is None
     assert await store.stat(other) is not None
+
+
+async def test_a_young_unfinished_upload_is_left_to_its_run(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    # Given an upload whose last part was written just now (a duplicate run still going)
+    name = f"dcu/{uuid.uuid4()}/image.tar.gz"
+    await _start_unfinished_upload(store, name, tmp_path)
+    # When another run of the same upload starts and cleans up by the real clock
+    aborted = await store.abort_incomplete(name, older_than=STALE)
+    # Then the live upload is left alone
+    assert aborted == 0
+    # and it is only aborted once it has been quiet for longer than the threshold
+    later = datetime.now(UTC) + timedelta(seconds=STALE + 60)
+    assert await store.abort_incomplete(name, older_than=STALE, now=later) == 1
+    assert await store.abort_incomplete(name, older_than=None) == 0
+
+
+async def test_every_unfinished_upload_goes_without_a_threshold(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    name = f"dcu/{uuid.uuid4()}/image.tar.gz"
+    await _start_unfinished_upload(store, name, tmp_path)
+    assert await store.abort_incomplete(name, older_than=None) == 1
+    assert await store.abort_incomplete(name, older_than=None) == 0
 
 
 async def test_local_store_refuses_names_that_escape(tmp_path: Path) -> None:
@@ -162,7 +190,7 @@ async def test_upload_checks_the_sha256_given(store: ObjectStore, tmp_path: Path
         await store.put_file(name, source, {}, sha256=hashlib.sha256(b"other").hexdigest())
     # Then nothing is stored, not even an unfinished upload
     assert await store.stat(name) is None
-    assert await store.abort_incomplete(name) == 0
+    assert await store.abort_incomplete(name, older_than=None) == 0
     # And with the right one, the upload goes through
     stored = await store.put_file(name, source, {}, sha256=right)
     assert stored.size == source.stat().st_size

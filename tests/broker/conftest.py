@@ -23,6 +23,7 @@ from dramatiq.brokers.stub import StubBroker
 from nats.js import api
 
 from dramatiq_jetstream import JetStreamBroker, durable_name
+from tests.e2e.helpers import subject_matches
 from tests.servers.nats import NatsServer
 
 WORKER_TIMEOUT_MS = 250
@@ -109,17 +110,7 @@ class NatsTool:
         stored: list[StoredMessage] = run(self._with_js(read))
         if subject_filter is None:
             return stored
-        return [m for m in stored if _matches(subject_filter, m.subject)]
-
-
-def _matches(pattern: str, subject: str) -> bool:
-    p, s = pattern.split("."), subject.split(".")
-    for i, token in enumerate(p):
-        if token == ">":
-            return len(s) > i
-        if i >= len(s) or (token != "*" and token != s[i]):
-            return False
-    return len(p) == len(s)
+        return [m for m in stored if subject_matches(subject_filter, m.subject)]
 
 
 class Recorder:

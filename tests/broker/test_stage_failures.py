@@ -32,6 +32,9 @@ class FlakyPublisherRuntime:
         self._refusals = refusals
         self._lock = threading.Lock()
 
+    async def recorded(self, task_id: str, event_type: EventType) -> bool:
+        return any(e.task_id == task_id and e.type is event_type for _, e in self.published.calls)
+
     async def publish(self, event: Event) -> None:
         with self._lock:
             if self._refusals > 0:

@@ -89,9 +89,10 @@ async def event_bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        await bus.ensure_stream(js, settings)
+        await bus.ensure_streams(js, settings)
         yield Bus(url=nats_server.url, settings=settings)
-        await js.delete_stream(settings.stream)
+        for stream in (settings.audit_stream, settings.progress_stream, settings.work_stream):
+            await js.delete_stream(stream)
     finally:
         await nc.close()
 

@@ -25,12 +25,12 @@ async def stored(bus: Bus) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
     nc = await nats.connect(bus.url)
     try:
         js = nc.jetstream()
-        info = await js.stream_info(bus.settings.stream)
+        info = await js.stream_info(bus.settings.audit_stream)
         found: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         if not info.state.messages:
             return found
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(bus.settings.stream, seq)
+            msg = await js.get_msg(bus.settings.audit_stream, seq)
             found.append((str(msg.subject), dict(msg.headers or {}), json.loads(msg.data or b"")))
         return found
     finally:

@@ -164,28 +164,65 @@ def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
 
 
+STREAM_SUFFIXES = ("_AUDIT", "_PROGRESS", "_WORK")
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` is one token, a trailing ``>`` one or more."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(wanted) == len(tokens)
+
+
+def streams_for(stream: str, subject: str) -> list[str]:
+    """The streams of a deployment whose ``nats.stream`` is ``stream`` that can hold
+    ``subject``: task and cleanup facts are audited, progress and work have their own."""
+    kind = subject.split(".")[1] if subject.count(".") else ">"
+    if kind in {"task", "cleanup"}:
+        return [f"{stream}_AUDIT"]
+    if kind == "progress":
+        return [f"{stream}_PROGRESS"]
+    if kind in {"queue", "dead"}:
+        return [f"{stream}_WORK"]
+    return [stream + suffix for suffix in STREAM_SUFFIXES]
+
+
 def stream_events(url: str, stream: str, subject: str) -> list[dict[str, Any]]:
-    """Every message on ``subject`` still in the stream, decoded, in stream order."""
+    """Every message on ``subject`` still in the deployment's streams (``stream`` is its
+    ``nats.stream``), decoded, in stream order (audit, then progress, then work)."""
+
+    async def read(js: Any, name: str) -> list[dict[str, Any]]:
+        # By sequence, not with a consumer: the work stream (work-queue retention) takes
+        # no consumer without acks, and reading must not take messages from it.
+        found: list[dict[str, Any]] = []
+        state = (await js.stream_info(name)).state
+        if not state.messages:
+            return found
+        for seq in range(state.first_seq, state.last_seq + 1):
+            try:
+                msg = await js.get_msg(name, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            if not subject_matches(subject, str(msg.subject)):
+                continue
+            event = json.loads(msg.data or b"null")
+            if isinstance(event, dict):
+                event["seq"] = seq
+            found.append(event)
+        return found
 
     async def main() -> list[dict[str, Any]]:
         nc = await nats.connect(url)
         try:
             js = nc.jetstream()
             found: list[dict[str, Any]] = []
-            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-            try:
-                while True:
-                    try:
-                        msg = await sub.next_msg(timeout=2)
-                    except nats.errors.TimeoutError:
-                        return found
-                    event = json.loads(msg.data)
-                    event["seq"] = msg.metadata.sequence.stream
-                    found.append(event)
-                    if not msg.metadata.num_pending:
-                        return found
-            finally:
-                await sub.unsubscribe()
+            for name in streams_for(stream, subject):
+                found.extend(await read(js, name))
+            return found
         finally:
             await nc.close()
 
@@ -193,13 +230,14 @@ def stream_events(url: str, stream: str, subject: str) -> list[dict[str, Any]]:
 
 
 def consumer_waiting(url: str, stream: str, durable: str) -> int:
-    """How many pull requests the durable has waiting (one per idle replica)."""
+    """How many pull requests the stage durable has waiting on the audit stream, where
+    its events come from (one per idle replica); ``stream`` is ``nats.stream``."""
 
     async def main() -> int:
         nc = await nats.connect(url)
         try:
             try:
-                info = await nc.jetstream().consumer_info(stream, durable)
+                info = await nc.jetstream().consumer_info(f"{stream}_AUDIT", durable)
             except nats.js.errors.NotFoundError:
                 return 0  # no replica has declared it yet
             return int(info.num_waiting or 0)

@@ -21,8 +21,9 @@ async def _pending(url: str, stream: str) -> dict[str, tuple[int, int]]:
     try:
         js = nc.jetstream()
         found = {}
-        for info in await js.consumers_info(stream):
-            found[info.name] = (info.num_pending, info.num_ack_pending)
+        for suffix in ("_AUDIT", "_PROGRESS", "_WORK"):
+            for info in await js.consumers_info(stream + suffix):
+                found[f"{suffix[1:]}/{info.name}"] = (info.num_pending, info.num_ack_pending)
         return found
     finally:
         await nc.close()

@@ -58,6 +58,9 @@ class Cluster:
         process = DcuProcess(self.workdir, self.config, ROLE_ARGS[role], name=name)
         process.start(wait_http=role == "gateway")
         self.processes[name] = process
+        if "gateway" in self.processes:  # a stuck task's report shows every role's stacks
+            gateway = self.processes["gateway"]
+            gateway.companions = [p for p in self.processes.values() if p is not gateway]
         return process
 
     def restart(self, name: str, *, kill: bool = True) -> DcuProcess:

@@ -265,15 +265,28 @@ def test_gateway_and_persistence_restarts_lose_nothing(cluster_factory, pushed_i
 
 
 def test_stuck_task_is_failed_with_the_reason(cluster_factory, pushed_images) -> None:
-    # Given a deployment with no download worker at all and a 2 s progress deadline
+    # Given a deployment with one download worker (and no other stage's) and a 2 s
+    # progress deadline
     cluster = cluster_factory(workers={"stuck_after": 2, "watchdog_interval": 0.5})
     cluster.start("gateway", name="gateway")
     cluster.start("persist", name="persist")
-    task_id = cluster.run_task(pushed_images["small"].reference)
+    worker = cluster.start("download", name="download")
+    with cluster.recorder() as recorder:
+        task_id = cluster.run_task(pushed_images["large"].reference)
+        # When that worker dies mid-download, and no other takes the task over
+        wait_for_event(recorder, task_id, "download_started")
+        worker.kill()
+        assert not [e for e in recorder.for_task(task_id) if e["type"] == "downloaded"], (
+            "the download finished before the kill; nothing was injected"
+        )
+    # Then the watchdog fails the task, saying what it saw in the stream and the database
     data = cluster.gateway.wait_terminal(task_id, timeout=60)
     assert data["state"] == "failed"
-    assert "stuck: no progress" in data["error_message"]
-    assert "download workers are gone" in data["error_message"]
+    message = data["error_message"]
+    assert message.startswith("stuck: no event for "), message
+    assert "s in the stream (last: " in message and "and no progress since " in message
+    assert "while downloading (workers.stuck_after=2s)" in message
+    assert message.endswith("its download workers are gone or stalled")
 
 
 def test_duplicates_do_not_redo_work(cluster_factory, pushed_images) -> None:

@@ -248,7 +248,7 @@ async def nats_client(
 ) -> AsyncIterator[Client]:
     client = await bus.connect(private_nats.url, nats_settings, "persistence-tests")
     try:
-        await bus.ensure_stream(client.jetstream(), nats_settings)
+        await bus.ensure_streams(client.jetstream(), nats_settings)
         yield client
     finally:
         await client.close()

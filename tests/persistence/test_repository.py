@@ -18,14 +18,17 @@ from events.schema import (
     Requested,
 )
 from events.states import LEGAL_TRANSITIONS, TaskState, Verdict, decide
-from persistence.database import Database
+from persistence.database import Database, DatabaseError
 from persistence.repository import (
     ERROR_MESSAGE_MAX,
+    RAW_MAX,
     TRUNCATION_MARK,
     ApplyOutcome,
+    RefusedEventRecord,
     TaskDetailRecord,
     TaskRecord,
     TaskRepository,
+    UnstorableEvent,
 )
 from tests.persistence.conftest import T0, Timeline, table_columns, table_indexes
 
@@ -133,6 +136,26 @@ async def test_every_task_detail_but_its_key_is_optional(database: Database) -> 
                 "cached_bytes",
             ]
         },
+    }
+
+
+async def test_refused_events_are_keyed_by_stream_position(database: Database) -> None:
+    columns = await table_columns(database, "dcu_refused_events")
+    indexes = await table_indexes(database, "dcu_refused_events")
+
+    assert indexes == {("stream", "stream_seq"): True}
+    assert columns == {
+        "id": False,
+        "stream": False,
+        "stream_seq": False,
+        "subject": False,
+        "event_id": True,
+        "task_id": True,
+        "event_type": True,
+        "reason": False,
+        "raw": False,
+        "raw_truncated": False,
+        "time": False,
     }
 
 
@@ -771,3 +794,87 @@ async def test_concurrent_callers_share_one_repository(repository: TaskRepositor
         assert len(log) == 7
         assert all(entry.applied for entry in log)
         assert all(entry.stream_seq is not None for entry in log)
+
+
+# -- refused messages -----------------------------------------------------------------
+
+
+async def test_a_refused_message_is_recorded_once_as_storable_text(
+    repository: TaskRepository,
+) -> None:
+    # Given a message with bytes that are not UTF-8, a NUL, and a lone surrogate in its ids
+    refusal = {
+        "stream": "DCU",
+        "stream_seq": 42,
+        "subject": "dcu.task.t1.requested",
+        "reason": "not an event: task_id holds a lone surrogate (t\ud800)",
+        "raw": b'{"task_id": "t\\ud800"}\xff\x00',
+        "time": T0,
+        "event_id": "e\x00",
+        "task_id": "t\ud800",
+        "event_type": "requested",
+    }
+
+    # When it is recorded, then recorded again (a redelivery, a replay)
+    assert await repository.record_refused(**refusal) is True  # type: ignore[arg-type]
+    assert await repository.record_refused(**refusal) is False  # type: ignore[arg-type]
+
+    # Then it is kept once, every text escaped rather than refused by the database
+    [record] = await repository.refused_events()
+    assert record == RefusedEventRecord(
+        id=record.id,
+        stream="DCU",
+        stream_seq=42,
+        subject="dcu.task.t1.requested",
+        event_id="e\\x00",
+        task_id="t\\ud800",
+        event_type="requested",
+        reason="not an event: task_id holds a lone surrogate (t\\ud800)",
+        raw='{"task_id": "t\\ud800"}\\xff\\x00',
+        raw_truncated=False,
+        time=T0,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.reason = "x"  # type: ignore[misc]
+
+
+async def test_refused_messages_are_listed_newest_first_and_cut_when_long(
+    repository: TaskRepository,
+) -> None:
+    for seq in (1, 2, 3):
+        await repository.record_refused(
+            stream="DCU",
+            stream_seq=seq,
+            subject="dcu.task.x.requested",
+            reason="not an event",
+            raw=b"a" * (RAW_MAX + seq - 2),
+            time=T0 + timedelta(seconds=seq),
+        )
+
+    assert [r.stream_seq for r in await repository.refused_events()] == [3, 2, 1]
+    [newest] = await repository.refused_events(limit=1)
+    assert (len(newest.raw), newest.raw_truncated) == (RAW_MAX, True)
+    assert [r.raw_truncated for r in await repository.refused_events()] == [True, False, False]
+    with pytest.raises(InvalidInput):
+        await repository.refused_events(limit=0)
+
+
+async def test_a_value_the_driver_cannot_encode_is_unstorable_not_a_database_error(
+    repository: TaskRepository,
+) -> None:
+    # Given an event built in-process with a lone surrogate (decoding refuses those)
+    timeline = Timeline()
+    poisoned = timeline.requested(user="u\ud800")
+
+    # When it is applied, the driver cannot encode it: retrying can never help
+    with pytest.raises(UnstorableEvent) as info:
+        await repository.apply(poisoned, 1)
+
+    # Then it is not taken for a database failure, and nothing was written
+    assert not isinstance(info.value, DatabaseError)
+    str(info.value).encode()  # the message itself is storable text
+    with pytest.raises(NotFound):
+        await repository.get(timeline.task_id)
+    assert await repository.transitions(timeline.task_id) == []
+    with pytest.raises(UnstorableEvent):
+        await repository.apply(timeline.progress(5, stage="d\udc00"), 2)

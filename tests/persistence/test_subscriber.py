@@ -4,22 +4,30 @@ database backends."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
 
 from dcu import bus
-from dcu.errors import BusError
+from dcu.errors import BusError, NotFound
 from dcu.settings import NatsSettings
 from events import subjects
 from events.schema import Event, EventType
 from events.states import TaskState
 from persistence.database import Database, DatabaseError
 from persistence.repository import ApplyOutcome, TaskRepository
-from persistence.subscriber import PersistenceSubscriber, consumer_name, rebuild_from_stream
+from persistence.subscriber import (
+    PersistenceSubscriber,
+    ReplayCounts,
+    consumer_name,
+    rebuild_from_stream,
+)
 from tests.persistence.conftest import Timeline, eventually, table_rows
 from tests.servers.nats import NatsServer
 
@@ -54,8 +62,36 @@ async def publish_all(
 
 
 async def drained(js: JetStreamContext, settings: NatsSettings) -> bool:
-    info = await js.consumer_info(settings.stream, consumer_name(settings))
+    info = await js.consumer_info(settings.audit_stream, consumer_name(settings))
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+async def publish_raw(
+    js: JetStreamContext, settings: NatsSettings, task_id: str, kind: str, data: bytes
+) -> int:
+    subject = f"{settings.subject_prefix}.task.{task_id}.{kind}"
+    ack = await js.publish(subject, data, headers={"Nats-Msg-Id": str(uuid.uuid4())})
+    return int(ack.seq)
+
+
+def poison_requested(timeline: Timeline) -> bytes:
+    """A ``requested`` event whose username holds a lone surrogate in JSON escape form:
+    json.loads accepts it, no database driver can encode it."""
+    data = timeline.requested().to_dict()
+    data["payload"]["username"] = "u\ud800"
+    raw = json.dumps(data).encode()
+    assert b"\\ud800" in raw
+    return raw
+
+
+def unknown_type(timeline: Timeline, kind: str = "scanned") -> bytes:
+    """A well-formed event of a type this version does not know (a newer producer's)."""
+    return json.dumps({**timeline.requested().to_dict(), "type": kind, "payload": {}}).encode()
+
+
+async def redelivered(js: JetStreamContext, settings: NatsSettings) -> bool:
+    info = await js.consumer_info(settings.audit_stream, consumer_name(settings))
+    return bool(info.num_redelivered)
 
 
 def state_is(
@@ -93,31 +129,122 @@ async def test_published_events_become_rows(
     await eventually(lambda: drained(js, nats_settings), what="consumer drained")
 
 
-async def test_garbage_is_terminated_and_later_events_still_land(
+async def test_garbage_is_refused_and_later_events_still_land(
     js: JetStreamContext,
     nats_settings: NatsSettings,
     repository: TaskRepository,
     start_subscriber: SubscriberFactory,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="persistence.subscriber")
     await start_subscriber(repository)
     timeline = Timeline()
     subject = subjects.task_event(
         timeline.task_id, EventType.REQUESTED, nats_settings.subject_prefix
     )
 
-    await js.publish(subject, b"\xff not an event at all")
-    await js.publish(subject, b'{"type": "requested", "task_id": "x"}')
+    first = await js.publish(subject, b"\xff not an event at all\x00")
+    second = await js.publish(subject, b'{"type": "requested", "task_id": "x"}')
     await publish_all(js, nats_settings, timeline.happy_path()[:2])
 
     await eventually(state_is(repository, timeline.task_id, TaskState.DOWNLOADING), what="task")
     await eventually(lambda: drained(js, nats_settings), what="consumer drained")
-    info = await js.consumer_info(nats_settings.stream, consumer_name(nats_settings))
+    info = await js.consumer_info(nats_settings.audit_stream, consumer_name(nats_settings))
     assert info.num_redelivered == 0
-    terminated = [r for r in caplog.records if "terminating message" in r.getMessage()]
-    assert len(terminated) == 2
-    assert "not an event at all" in terminated[0].getMessage()
+    # Both are kept, newest first, with their bytes (escaped) and what the envelope says
+    newest, oldest = await repository.refused_events()
+    assert (oldest.stream_seq, newest.stream_seq) == (first.seq, second.seq)
+    assert (oldest.stream, oldest.subject) == (nats_settings.audit_stream, subject)
+    assert oldest.raw == "\\xff not an event at all\\x00"
+    assert (oldest.task_id, oldest.event_id, oldest.event_type) == (None, None, None)
+    assert oldest.reason.startswith("not an event: event is not JSON")
+    assert (newest.task_id, newest.event_id, newest.event_type) == ("x", None, "requested")
+    assert newest.reason.startswith("not an event: not a DCU event")
+    assert not oldest.raw_truncated and not newest.raw_truncated
+
+
+async def test_an_event_no_database_can_store_is_refused_and_the_next_one_lands(
+    js: JetStreamContext,
+    nats_settings: NatsSettings,
+    repository: TaskRepository,
+    start_subscriber: SubscriberFactory,
+) -> None:
+    # Given a running subscriber
+    await start_subscriber(repository, retry_delay=0.1)
+    poisoned, healthy = Timeline(), Timeline()
+
+    # When an event holding a lone surrogate is followed by a normal one for another task
+    seq = await publish_raw(
+        js, nats_settings, poisoned.task_id, "requested", poison_requested(poisoned)
+    )
+    await publish_all(js, nats_settings, [healthy.requested()])
+
+    # Then the normal one is recorded, the poison one refused with its position and reason
+    await eventually(state_is(repository, healthy.task_id, TaskState.IDLE), what="next event")
+    await eventually(lambda: drained(js, nats_settings), what="nothing pending")
+    [refused] = await repository.refused_events()
+    assert (refused.stream_seq, refused.task_id, refused.event_type) == (
+        seq,
+        poisoned.task_id,
+        "requested",
+    )
+    assert "surrogate" in refused.reason
+    assert "\\ud800" in refused.raw
+    assert await repository.transitions(poisoned.task_id) == []
+    info = await js.consumer_info(nats_settings.audit_stream, consumer_name(nats_settings))
+    assert info.num_redelivered == 0
+
+
+async def test_an_unknown_type_is_refused_after_its_grace_and_the_next_event_lands(
+    js: JetStreamContext,
+    nats_settings: NatsSettings,
+    repository: TaskRepository,
+    start_subscriber: SubscriberFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="persistence.subscriber")
+    # Given a subscriber that waits 1 s for a newer replica to take an unknown type
+    await start_subscriber(repository, unknown_type_grace=1.0, unknown_retry_delay=0.1)
+    newer, healthy = Timeline(), Timeline()
+
+    # When a newer producer's event is followed by a known one
+    seq = await publish_raw(js, nats_settings, newer.task_id, "scanned", unknown_type(newer))
+    await publish_all(js, nats_settings, [healthy.requested()])
+
+    # Then it was offered again, then refused, and the known one is recorded after it
+    await eventually(state_is(repository, healthy.task_id, TaskState.IDLE), what="next event")
+    await eventually(lambda: drained(js, nats_settings), what="nothing pending")
+    offered_again = [r for r in caplog.records if "for a newer replica" in r.getMessage()]
+    assert offered_again
+    [refused] = await repository.refused_events()
+    assert (refused.stream_seq, refused.task_id, refused.event_type) == (
+        seq,
+        newer.task_id,
+        "scanned",
+    )
+    assert refused.reason == "unknown event type 'scanned' after 1s"
+
+
+async def test_an_unknown_type_within_its_grace_stays_pending(
+    js: JetStreamContext,
+    nats_settings: NatsSettings,
+    repository: TaskRepository,
+    start_subscriber: SubscriberFactory,
+) -> None:
+    # Given a subscriber with the default grace of minutes
+    await start_subscriber(repository, unknown_retry_delay=0.1)
+    newer, healthy = Timeline(), Timeline()
+
+    # When a newer producer's event arrives, then a known one
+    await publish_raw(js, nats_settings, newer.task_id, "scanned", unknown_type(newer))
+    await publish_all(js, nats_settings, [healthy.requested()])
+
+    # Then the unknown one is offered again (for a newer replica), not terminated, and
+    # the known one waits behind it: the stream order holds
+    await eventually(lambda: redelivered(js, nats_settings), what="unknown type offered again")
+    info = await js.consumer_info(nats_settings.audit_stream, consumer_name(nats_settings))
+    assert (info.num_ack_pending, info.num_pending) == (1, 1)
+    assert await repository.refused_events() == []
+    with pytest.raises(NotFound):
+        await repository.get(healthy.task_id)
 
 
 async def test_events_keep_landing_across_a_nats_restart(
@@ -164,6 +291,9 @@ class FlakySink:
         self.applied: list[str] = []
         self.attempts: list[str] = []
 
+    async def record_refused(self, **fields: Any) -> bool:
+        return await self.repository.record_refused(**fields)
+
     async def apply(self, event: Event, stream_seq: int | None) -> ApplyOutcome:
         self.attempts.append(event.event_id)
         if event.event_id in self.fail_once:
@@ -191,6 +321,91 @@ async def test_a_database_failure_is_retried_later_in_stream_order(
     assert sink.applied == [event.event_id for event in events]
     assert sink.attempts.count(events[1].event_id) == 2
     assert sink.attempts.count(events[4].event_id) == 2
+    assert await repository.refused_events() == []
+
+
+class RefusalOutage:
+    """A repository whose first attempt at recording a refusal fails like a database outage."""
+
+    def __init__(self, repository: TaskRepository) -> None:
+        self.repository = repository
+        self.refusals = 0
+
+    async def apply(self, event: Event, stream_seq: int | None) -> ApplyOutcome:
+        return await self.repository.apply(event, stream_seq)
+
+    async def record_refused(self, **fields: Any) -> bool:
+        self.refusals += 1
+        if self.refusals == 1:
+            raise DatabaseError("database is down")
+        return await self.repository.record_refused(**fields)
+
+
+async def test_a_refusal_the_database_cannot_record_is_retried_in_order(
+    js: JetStreamContext,
+    nats_settings: NatsSettings,
+    repository: TaskRepository,
+    start_subscriber: SubscriberFactory,
+) -> None:
+    sink = RefusalOutage(repository)
+    await start_subscriber(sink, retry_delay=0.2)
+    poisoned, healthy = Timeline(), Timeline()
+
+    seq = await publish_raw(
+        js, nats_settings, poisoned.task_id, "requested", poison_requested(poisoned)
+    )
+    await publish_all(js, nats_settings, [healthy.requested()])
+
+    # The poison message is not dropped unrecorded: it is retried, then refused
+    await eventually(state_is(repository, healthy.task_id, TaskState.IDLE), what="next event")
+    await eventually(lambda: drained(js, nats_settings), what="nothing pending")
+    assert sink.refusals == 2
+    [refused] = await repository.refused_events()
+    assert refused.stream_seq == seq
+
+
+class SlowSink:
+    """Takes ``hold`` seconds over the first event (a slow database), records attempts."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+        self.attempts: list[str] = []
+
+    async def apply(self, event: Event, stream_seq: int | None) -> ApplyOutcome:
+        self.attempts.append(event.event_id)
+        if len(self.attempts) == 1:
+            await asyncio.sleep(self.hold)
+        return ApplyOutcome.APPLIED
+
+    async def record_refused(self, **fields: Any) -> bool:
+        raise AssertionError(f"nothing should be refused: {fields['reason']}")
+
+
+async def test_a_slow_apply_is_kept_alive_not_redelivered_to_another_replica(
+    js: JetStreamContext, nats_settings: NatsSettings
+) -> None:
+    # Given two replicas sharing the durable consumer, with a 1 s ack wait
+    settings = nats_settings.model_copy(update={"ack_wait": 1.0})
+    sink = SlowSink(hold=2.5)
+    replicas = [
+        PersistenceSubscriber(js, settings, sink, fetch_timeout=0.5)  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    for replica in replicas:
+        await replica.start()
+    try:
+        # When one of them takes more than twice the ack wait over an event
+        event = Timeline().requested()
+        await publish_all(js, settings, [event])
+        await eventually(lambda: drained(js, settings), what="event acknowledged")
+
+        # Then the other replica never got it: the apply was kept alive
+        assert sink.attempts == [event.event_id]
+        info = await js.consumer_info(settings.audit_stream, consumer_name(settings))
+        assert info.num_redelivered == 0
+    finally:
+        for replica in replicas:
+            await replica.stop(grace=5)
 
 
 async def test_stop_returns_promptly_while_waiting_for_messages(
@@ -230,6 +445,8 @@ async def test_rebuild_from_the_stream_reproduces_every_row(
     )
     await publish_all(js, nats_settings, [Timeline().failed("who?")])
     await js.publish(subjects.every_task(prefix=prefix).replace(">", "x.requested"), b"garbage")
+    poisoned = Timeline()
+    await publish_raw(js, nats_settings, poisoned.task_id, "requested", poison_requested(poisoned))
     # the gateway creates its task right after publishing it
     requested = gateway.requested("alpine:3", platform="linux/arm64")
     await publish_all(js, nats_settings, [requested])
@@ -239,14 +456,15 @@ async def test_rebuild_from_the_stream_reproduces_every_row(
 
     # When the stream is replayed into an empty database
     rebuilt = await open_database()
-    count = await rebuild_from_stream(js, nats_settings, TaskRepository(rebuilt))
+    counts = await rebuild_from_stream(js, nats_settings, TaskRepository(rebuilt))
 
-    # Then every table matches the live one field by field (ids aside)
-    assert count == 17
+    # Then every table matches the live one field by field (ids aside), refusals included
+    assert counts == ReplayCounts(applied=14, refused=2, tasks=3, progress=2)
     for table, order in [
         ("dcu_tasks", "task_id"),
         ("dcu_task_transitions", "event_id"),
         ("dcu_task_details", "task_id"),
+        ("dcu_refused_events", "stream_seq"),
     ]:
         expected = await table_rows(live.database, table, order)
         assert expected, table
@@ -258,10 +476,11 @@ async def test_rebuild_from_the_stream_reproduces_every_row(
 async def test_rebuild_of_a_stream_without_task_events_applies_nothing(
     js: JetStreamContext, nats_settings: NatsSettings, repository: TaskRepository
 ) -> None:
-    assert await rebuild_from_stream(js, nats_settings, repository) == 0
+    nothing = ReplayCounts(applied=0, refused=0, tasks=0)
+    assert await rebuild_from_stream(js, nats_settings, repository) == nothing
     await js.publish(f"{nats_settings.subject_prefix}.cleanup.gzip.started", b"{}")
 
-    assert await rebuild_from_stream(js, nats_settings, repository) == 0
+    assert await rebuild_from_stream(js, nats_settings, repository) == nothing
     total, _ = await repository.query(page=1, page_size=10)
     assert total == 0
 
@@ -285,6 +504,6 @@ async def test_a_restarted_subscriber_resumes_its_durable_consumer(
 
     await eventually(state_is(repository, timeline.task_id, TaskState.COMPLETED), what="task")
     await eventually(lambda: drained(js, nats_settings), what="rest recorded")
-    info = await js.consumer_info(nats_settings.stream, consumer_name(nats_settings))
+    info = await js.consumer_info(nats_settings.audit_stream, consumer_name(nats_settings))
     assert info.delivered.stream_seq == len(events)
     assert info.num_redelivered == 0

@@ -3,9 +3,9 @@
 Two services are shared by the whole package (started on first use, stopped at the end):
 
 * ``auth_gateway``: ``dcu gateway`` alone (no persistence subscriber, no workers) with
-  tokens and the registry allow-list. Nothing consumes its ``requested`` events; the
-  gateway records each task ``idle`` itself, so its tasks stay unfinished (which is what
-  the per-user limit test, with a gateway of its own, relies on).
+  tokens and the registry allow-list. Nothing consumes its ``requested`` events; its
+  tasks are answered ``idle`` from the stream and stay unfinished (which is what the
+  per-user limit test, with a gateway of its own, relies on).
 * ``pipeline_service``: ``dcu serve`` against the real engine, registry, S3 and NATS, with
   distinctive secrets everywhere (S3 keys, an API token, registry credentials from the
   config and from a Docker config file), the allow-list, a maximum image size between

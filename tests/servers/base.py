@@ -100,3 +100,4 @@ class ManagedProcess:
         self.signal(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
+        self._log_file.close()

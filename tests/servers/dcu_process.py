@@ -45,6 +45,8 @@ class DcuProcess:
     name: str = "dcu"
     port: int = field(default_factory=free_port)
     process: ManagedProcess | None = None
+    # Processes of the same deployment whose stacks a stuck task's report includes.
+    companions: list[DcuProcess] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -118,5 +120,26 @@ class DcuProcess:
                 return data
             time.sleep(0.25)
         raise AssertionError(
-            f"task {task_id} not finished in {timeout}s: {data}\n{self.log.read_text()[-4000:]}"
+            f"task {task_id} not finished in {timeout}s: {data}\n{self.stack_dump()}"
         )
+
+    def stack_dump(self, timeout: float = 10) -> str:
+        """SIGUSR1 (dcu.diagnostics) to this process and its ``companions``: every thread's
+        and task's stack, then the end of each log."""
+        reports = []
+        for process in [self, *self.companions]:
+            process._dump(timeout)
+            reports.append(f"=== {process.name}\n{process.log.read_text()[-12000:]}")
+        return "\n".join(reports)
+
+    def _dump(self, timeout: float) -> None:
+        if self.process is None or not self.process.alive():
+            return
+        size = self.log.stat().st_size
+        self.process.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "stack dump done" in self.log.read_text()[size:]:
+                time.sleep(0.5)  # each loop logs its tasks right after
+                return
+            time.sleep(0.1)

@@ -22,11 +22,15 @@ def nats_server_binary() -> str:
 
 @dataclass
 class NatsServer:
-    """One nats-server process; ``restart`` keeps its port and JetStream store."""
+    """One nats-server process; ``restart`` keeps its port and JetStream store. With
+    ``cluster_port`` and ``routes`` it is one node of a JetStream cluster."""
 
     store: Path
     port: int = field(default_factory=free_port)
     process: ManagedProcess | None = None
+    name: str = ""
+    cluster_port: int | None = None
+    routes: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -44,6 +48,17 @@ class NatsServer:
             "-p",
             str(self.port),
         ]
+        if self.cluster_port is not None:
+            argv += [
+                "--server_name",
+                self.name,
+                "--cluster_name",
+                "dcu-test",
+                "--cluster",
+                f"nats://127.0.0.1:{self.cluster_port}",
+                "--routes",
+                ",".join(f"nats://127.0.0.1:{port}" for port in self.routes),
+            ]
         self.process = ManagedProcess(argv, log=self.store / "nats-server.log")
         wait_until(
             lambda: port_open(self.port), timeout=20, what="nats-server", log=self.process.log
@@ -63,3 +78,37 @@ class NatsServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@dataclass
+class NatsCluster:
+    """Three (or ``size``) nats-server nodes on loopback, routed to each other, with
+    JetStream clustered: streams can have three replicas and survive one node."""
+
+    root: Path
+    size: int = 3
+    nodes: list[NatsServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Every node, comma-separated (``nats.url`` takes that form)."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self) -> NatsCluster:
+        cluster_ports = [free_port() for _ in range(self.size)]
+        self.nodes = [
+            NatsServer(
+                store=self.root / f"n{index}",
+                name=f"n{index}",
+                cluster_port=port,
+                routes=[p for p in cluster_ports if p != port],
+            )
+            for index, port in enumerate(cluster_ports)
+        ]
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

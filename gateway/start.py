@@ -1,0 +1,394 @@
+"""``POST /start`` as one write: the ``requested`` event stored in JetStream.
+
+The gateway answers once JetStream acknowledges the event and writes no row itself; the
+persistence subscriber creates the row from the event. Until it has, ``GET /status`` reads
+the task from the stream (``stream_task``) and the per-user limit counts the tasks this
+gateway has just published (``PendingStarts``), so neither misses a task the caller has
+been told about.
+
+An ``Idempotency-Key`` header makes a start safe to retry: the task id is
+``uuid5(KEY_NAMESPACE, "<username>\\n<key>")`` and the event id is derived from the task
+id, so a retried start publishes the same ``Nats-Msg-Id`` (JetStream drops it within its
+duplicate window; past it, the persistence log recognises the event id) and answers the
+same task. A key already used by the same user for another image or platform is a 409.
+A publish whose acknowledgement does not come is tried again with the same event, so an
+event stored by an attempt that timed out is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiohttp import web
+
+from dcu import bus
+from dcu.errors import (
+    BusError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+)
+from events import subjects
+from events.platform import InvalidPlatform, parse_platform
+from events.reference import InvalidReference, parse_reference, registry_refusal
+from events.schema import DecodeError, Event, EventType, Requested, once_per_task_id
+from events.states import TaskState
+from gateway import auth, envelope, views
+from gateway.http import read_object, respond
+from gateway.keys import JETSTREAM, SETTINGS
+from persistence import repository
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_MAX = 200
+# Printable ASCII (space to ~), not starting or ending with a space: HTTP strips those.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
+KEY_NAMESPACE = uuid.UUID("8febc72a-0ef1-4099-8b5d-33d51f8f1277")
+PUBLISH_ATTEMPTS = 3  # each waits up to bus.publish's 10 s for the acknowledgement
+PUBLISH_BACKOFF = 0.25  # seconds before the second attempt, doubled before each next one
+PENDING_FOR = 300.0  # seconds a published task counts for the limit without its row
+
+
+class PendingStarts:
+    """Tasks this gateway published whose rows the database may not show yet, per user.
+
+    The per-user limit adds them to the database's count; one leaves the set when
+    ``repository.get`` finds its row (from then on the database counts it) or after
+    ``keep_for`` seconds. Used under ``START_LOCK`` only.
+    """
+
+    def __init__(
+        self, keep_for: float = PENDING_FOR, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._keep_for = keep_for
+        self._clock = clock
+        self._tasks: dict[str, dict[str, float]] = {}
+
+    def add(self, username: str, task_id: str) -> None:
+        self._tasks.setdefault(username, {})[task_id] = self._clock()
+
+    async def count(self, username: str) -> int:
+        """How many of ``username``'s published tasks have no row yet; raises DatabaseError."""
+        now = self._clock()
+        for user in list(self._tasks):
+            tasks = self._tasks[user]
+            for task_id, since in list(tasks.items()):
+                if now - since > self._keep_for:
+                    del tasks[task_id]
+            if not tasks:
+                del self._tasks[user]
+        tasks = self._tasks.get(username, {})
+        for task_id in list(tasks):
+            if await _row(task_id) is not None:
+                del tasks[task_id]
+        return len(tasks)
+
+
+# Serialises the per-user limit's count-then-publish within this gateway.
+START_LOCK = web.AppKey("start_lock", asyncio.Lock)
+PENDING = web.AppKey("pending_starts", PendingStarts)
+
+
+def setup(app: web.Application) -> None:
+    app[START_LOCK] = asyncio.Lock()
+    app[PENDING] = PendingStarts()
+
+
+def check_idempotency_key(values: list[str]) -> str | None:
+    """The ``Idempotency-Key`` header's value, None without one; raises InvalidInput
+    unless it is given once and is 1-200 printable ASCII characters."""
+    if not values:
+        return None
+    rule = f"{IDEMPOTENCY_HEADER} must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters"
+    if len(values) > 1:
+        raise InvalidInput(f"{rule}, in one header; got {len(values)} {IDEMPOTENCY_HEADER} headers")
+    key = values[0]
+    if not key:
+        raise InvalidInput(f"{rule}; got an empty value")
+    if len(key) > IDEMPOTENCY_KEY_MAX:
+        raise InvalidInput(f"{rule}; got {len(key)} characters")
+    for position, ch in enumerate(key, 1):
+        if not " " <= ch <= "~":
+            kind = "a control character" if ch.isascii() else "a non-ASCII character"
+            raise InvalidInput(f"{rule}; got {kind} at position {position}")
+    return key
+
+
+def task_id_for_key(username: str, key: str) -> str:
+    """The task id of ``username``'s start with Idempotency-Key ``key``."""
+    return str(uuid.uuid5(KEY_NAMESPACE, f"{username}\n{key}"))
+
+
+def requested_event(task_id: str, payload: Requested) -> Event:
+    """The ``requested`` event of a new task; its id follows from the task id."""
+    return Event(
+        task_id=task_id,
+        payload=payload,
+        event_id=once_per_task_id(task_id, EventType.REQUESTED),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTask:
+    """A task known from its ``requested`` event only (no row yet): ``views.TaskLike``."""
+
+    task_id: str
+    username: str
+    docker_image_name: str
+    start_time: datetime
+    state: str = TaskState.IDLE.value
+    gzip_file_name: str | None = None
+    minio_object_name: str | None = None
+    error_message: str | None = None
+    end_time: datetime | None = None
+    duration: int | None = None
+
+    @classmethod
+    def from_event(cls, event: Event) -> StreamTask:
+        assert isinstance(event.payload, Requested)
+        return cls(
+            task_id=event.task_id,
+            username=event.payload.username,
+            docker_image_name=event.payload.docker_image_name,
+            start_time=event.time,
+        )
+
+
+def stream_detail(event: Event) -> repository.TaskDetailRecord | None:
+    """The details the subscriber records when it creates the task from ``event``."""
+    assert isinstance(event.payload, Requested)
+    if event.payload.platform is None:
+        return None
+    return repository.TaskDetailRecord(
+        task_id=event.task_id,
+        image_id=None,
+        tar_bytes=None,
+        archive_bytes=None,
+        archive_sha256=None,
+        bucket=None,
+        stage=None,
+        stage_bytes_done=None,
+        stage_bytes_total=None,
+        stage_rate=None,
+        progress_time=None,
+        platform=event.payload.platform,
+        manifest_digest=None,
+        engine=None,
+        reused=None,
+        fetched_bytes=None,
+        cached_bytes=None,
+    )
+
+
+async def stored_request(app: web.Application, task_id: str) -> Event | None:
+    """The task's ``requested`` event in the stream, None when the stream has none (or
+    only something that is not one, which is logged). Raises BusError."""
+    settings = app[SETTINGS]
+    try:
+        event = await bus.last_task_event(
+            app[JETSTREAM], settings.nats, task_id, EventType.REQUESTED
+        )
+    except DecodeError as exc:
+        log.warning("task %s: the stream's requested message is not an event: %s", task_id, exc)
+        return None
+    if event is None:
+        return None
+    if event.task_id != task_id or not isinstance(event.payload, Requested):
+        log.warning("task %s: the stream's requested message is %s", task_id, event.type)
+        return None
+    return event
+
+
+async def _row(task_id: str) -> repository.TaskRecord | None:
+    try:
+        return await repository.get(task_id)
+    except NotFound:
+        return None
+
+
+def _describe(payload: Requested) -> str:
+    return f"{payload.docker_image_name} for {payload.platform or 'the default platform'}"
+
+
+async def _existing_state(app: web.Application, event: Event, key: str) -> TaskState | None:
+    """The current state of ``event``'s task when it exists already (a row, or its
+    requested event in the stream), None when it does not.
+
+    Raises Conflict when it exists for another image or platform. The stream's event is
+    the request as made; past the stream's retention the row tells the image, and the
+    platform only when the task's details still name the one requested.
+    """
+    wanted = event.payload
+    assert isinstance(wanted, Requested)
+    stored = await stored_request(app, event.task_id)
+    row = await _row(event.task_id)
+    if stored is None and row is None:
+        return None
+    if stored is not None:
+        assert isinstance(stored.payload, Requested)
+        same = (stored.payload.docker_image_name, stored.payload.platform) == (
+            wanted.docker_image_name,
+            wanted.platform,
+        )
+        first = _describe(stored.payload)
+    else:
+        assert row is not None
+        detail = await repository.get_detail(event.task_id)
+        platform = None if detail is None else detail.platform
+        same = row.docker_image_name == wanted.docker_image_name and (
+            wanted.platform is None or platform in (None, wanted.platform)
+        )
+        first = f"{row.docker_image_name} for {platform or 'the default platform'}"
+    if not same:
+        raise Conflict(
+            f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (task "
+            f"{event.task_id}: {first}, not {_describe(wanted)}); use a new key for a new task"
+        )
+    return TaskState.IDLE if row is None else row.state
+
+
+async def publish_requested(app: web.Application, event: Event) -> bool:
+    """Publish ``event`` until JetStream acknowledges it, at most PUBLISH_ATTEMPTS times
+    with the same ``Nats-Msg-Id``; returns whether the stream already held it.
+
+    Raises BusError when no attempt is acknowledged.
+    """
+    settings = app[SETTINGS]
+    subject = subjects.for_event(event, settings.nats.subject_prefix)
+    data = event.encode()
+    delay = PUBLISH_BACKOFF
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            published = await bus.publish_raw(app[JETSTREAM], subject, data, event.event_id)
+        except BusError as exc:
+            if attempt == PUBLISH_ATTEMPTS:
+                raise
+            log.warning(
+                "task %s: requested not acknowledged (attempt %d of %d), again in %.2fs: %s",
+                event.task_id,
+                attempt,
+                PUBLISH_ATTEMPTS,
+                delay,
+                exc,
+            )
+            await asyncio.sleep(delay)
+            delay *= 2
+        else:
+            return published.duplicate
+    raise AssertionError("unreachable")
+
+
+async def _start(app: web.Application, event: Event, key: str | None) -> TaskState:
+    """Publish ``event`` unless its key's task exists; returns the state to answer.
+
+    Raises Conflict, TooManyRequests, BusError, DatabaseError.
+    """
+    if key is not None:
+        existing = await _existing_state(app, event, key)
+        if existing is not None:
+            log.info("task %s: start repeated with its %s", event.task_id, IDEMPOTENCY_HEADER)
+            return existing
+    payload = event.payload
+    assert isinstance(payload, Requested)
+    limit = app[SETTINGS].server.max_active_tasks_per_user
+    if limit:
+        pending = await app[PENDING].count(payload.username)
+        active = pending + await repository.count_active(payload.username)
+        if active >= limit:
+            log.warning(
+                "start by %s refused: %d unfinished tasks, limit %d",
+                payload.username,
+                active,
+                limit,
+            )
+            raise TooManyRequests(
+                f"user {payload.username} already has {active} unfinished tasks, the limit "
+                f"is {limit}; try again when one has ended"
+            )
+    duplicate = await publish_requested(app, event)
+    if limit:
+        app[PENDING].add(payload.username, event.task_id)
+    log.info(
+        "task %s: requested %s for %s by %s%s",
+        event.task_id,
+        payload.docker_image_name,
+        payload.platform or "the default platform",
+        payload.username,
+        "" if key is None else f" with an {IDEMPOTENCY_HEADER}",
+    )
+    if duplicate and key is not None:
+        # Another start with this key published first (or an attempt of ours that timed
+        # out was stored after all): answer for what the stream holds.
+        return await _existing_state(app, event, key) or TaskState.IDLE
+    return TaskState.IDLE
+
+
+async def start_task(request: web.Request) -> web.Response:
+    """Validate the request and publish ``requested``; the answer comes once JetStream
+    has stored it.
+
+    With a token the task's username is the token's name (a ``username`` in the body is
+    still validated, then ignored). An optional ``platform`` (``linux/arm64``) goes into the
+    event normalised; absent, the download stage uses ``download.platform``. With an
+    ``Idempotency-Key`` the task id follows from the username and the key, and a repeated
+    start answers the task's current state without publishing again. Raises InvalidInput
+    for a bad body, key, reference or platform, or a registry outside
+    ``docker.allowed_registries``, Conflict for a key used for another request,
+    TooManyRequests when the user is at ``server.max_active_tasks_per_user``, BusError
+    when NATS does not take the event.
+    """
+    key = check_idempotency_key(request.headers.getall(IDEMPOTENCY_HEADER, []))
+    data = await read_object(request)
+    authenticated = request.get(auth.USER)
+    if authenticated is None and "username" not in data:
+        raise InvalidInput("missing field: username")
+    if "docker_image_name" not in data:
+        raise InvalidInput("missing field: docker_image_name")
+    username = views.check_username(data["username"]) if "username" in data else ""
+    if authenticated is not None:
+        username = authenticated  # the token's name wins; the body's was only checked
+    try:
+        ref = parse_reference(data["docker_image_name"])
+    except InvalidReference as exc:
+        raise InvalidInput(str(exc)) from None
+    if len(ref.original) > 500:
+        raise InvalidInput("docker_image_name is longer than 500 characters")
+    settings = request.app[SETTINGS]
+    refusal = registry_refusal(ref, settings.docker.allowed_registries)
+    if refusal is not None:
+        raise InvalidInput(refusal)
+    platform = None
+    if "platform" in data:
+        try:
+            platform = str(parse_platform(data["platform"]))
+        except InvalidPlatform as exc:
+            raise InvalidInput(str(exc)) from None
+    task_id = str(uuid.uuid4()) if key is None else task_id_for_key(username, key)
+    event = requested_event(
+        task_id, Requested(username=username, docker_image_name=ref.original, platform=platform)
+    )
+    if settings.server.max_active_tasks_per_user:
+        async with request.app[START_LOCK]:
+            state = await _start(request.app, event, key)
+    else:
+        state = await _start(request.app, event, key)
+    return respond(envelope.ok({"task_id": task_id, "state": state.value}, envelope.STARTED))
+
+
+async def stream_task(
+    app: web.Application, task_id: str
+) -> tuple[StreamTask, repository.TaskDetailRecord | None] | None:
+    """The task as its ``requested`` event in the stream shows it (idle), for a status
+    query that found no row; None when the stream has none. Raises BusError."""
+    event = await stored_request(app, task_id)
+    if event is None:
+        return None
+    return StreamTask.from_event(event), stream_detail(event)

@@ -1,0 +1,123 @@
+"""DCU on a three-node JetStream cluster (issue 8, "Clustered NATS"): replicated streams
+(R3), tasks in flight while the audit stream's leader is killed and later restarted all
+complete, and the audit stream holds every fact."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from tests.e2e.conftest import service_config
+from tests.e2e.helpers import stream_events
+from tests.servers.dcu_process import DcuProcess
+from tests.servers.docker_engine import DockerEngine
+from tests.servers.images import PushedImages
+from tests.servers.nats import NatsCluster
+from tests.servers.s3 import S3Server
+
+pytestmark = pytest.mark.e2e
+
+TASKS = 6
+# Facts with ids derived from (task, type): exactly one each, however often a stage ran
+# (a ``*_started`` is published again by a stage redelivered after the node loss).
+ONCE = ("requested", "downloaded", "compressed", "uploaded")
+
+
+def _jetstream(url: str, action: Any) -> Any:
+    async def main() -> Any:
+        nc = await nats.connect(url)
+        try:
+            return await action(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def _wait(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if result := condition():
+                return result
+        except Exception as exc:  # the cluster is electing: ask again
+            last = exc
+        else:
+            last = None
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} ({last!r})")
+        time.sleep(0.2)
+
+
+def test_tasks_survive_the_audit_leader_going_down(
+    docker_engine: DockerEngine, s3_server: S3Server, pushed_images: PushedImages, tmp_path: Path
+) -> None:
+    cluster = NatsCluster(tmp_path / "cluster").start()
+    service = None
+    try:
+        first = cluster.nodes[0].url
+        _wait(lambda: _jetstream(first, lambda js: js.account_info()), 60, "a JetStream leader")
+        tag = uuid.uuid4().hex[:8]
+        config = service_config(
+            nats=cluster,  # type: ignore[arg-type]  # has .url, which is all it takes
+            engine=docker_engine,
+            s3=s3_server,
+            tag=tag,
+        )
+        config["nats"]["replicas"] = 3
+        service = DcuProcess(tmp_path, config, ["serve"], name="serve").start()
+        audit = f"{config['nats']['stream']}_AUDIT"
+        info = _jetstream(first, lambda js: js.stream_info(audit))
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+
+        # When tasks are in flight and the audit stream's leader is killed
+        image = pushed_images["small"].reference
+        ids = []
+        for index in range(TASKS):
+            status, body = service.post(
+                "/start", {"username": f"u{index}", "docker_image_name": image}
+            )
+            assert status == 200, body
+            ids.append(body["data"]["task_id"])
+        leader = info.cluster.leader
+        [victim] = [node for node in cluster.nodes if node.name == leader]
+        victim.kill()
+        survivor = next(node for node in cluster.nodes if node is not victim).url
+
+        # Then every task completes (a new leader is elected, clients reconnect)
+        results = {task_id: service.wait_terminal(task_id, timeout=240) for task_id in ids}
+        assert {r["state"] for r in results.values()} == {"completed"}, results
+        # and when the node comes back it catches up: the audit stream has every fact
+        victim.start()
+        prefix = config["nats"]["subject_prefix"]
+        events = stream_events(survivor, config["nats"]["stream"], f"{prefix}.task.>")
+        counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        for event in events:
+            counts[event["task_id"]][event["type"]] += 1
+        for task_id in ids:
+            for kind in ONCE:
+                assert counts[task_id][kind] == 1, (task_id, counts[task_id])
+            assert counts[task_id]["failed"] == 0
+            for kind in ("download_started", "compress_started", "upload_started"):
+                assert counts[task_id][kind] >= 1, (task_id, counts[task_id])
+        _wait(
+            lambda: (
+                _jetstream(victim.url, lambda js: js.stream_info(audit)).state.last_seq
+                == len(events)
+            ),
+            60,
+            "the restarted node to catch up",
+        )
+        print(f"\n{TASKS} tasks completed with node {leader} (the audit leader) killed")
+    finally:
+        if service is not None:
+            service.stop()
+        cluster.stop()
