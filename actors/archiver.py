@@ -17,15 +17,12 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
-
 from actors.object_store import ObjectStore
-from dcu.errors import BusError, DcuError
+from bus import Bus
+from dcu.errors import DcuError
 from dcu.settings import Settings
 from events import audit_archive
-from events.audit_archive import ArchivedMessage, Segment
+from events.audit_archive import Segment, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +50,13 @@ class AuditArchiver:
     def __init__(
         self,
         settings: Settings,
-        js: JetStreamContext,
+        bus: Bus,
         store: ObjectStore,
         *,
         segment_max_events: int | None = None,
     ) -> None:
         self._settings = settings
-        self._js = js
+        self._bus = bus
         self._store = store
         self._stream = settings.nats.audit_stream
         self._prefix = settings.minio.prefix
@@ -76,14 +73,10 @@ class AuditArchiver:
         if names:
             info = await self._store.stat(names[-1])
             previous = "" if info is None else info.metadata.get("sha256", "")
-        try:
-            state = (await self._js.stream_info(self._stream)).state
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot read stream {self._stream}: {exc}") from exc
+        first, last_in_stream, _ = await self._bus.stream_state(self._stream)
         start = last + 1
-        if int(state.last_seq or 0) < start:
+        if last_in_stream < start:
             return []
-        first = int(state.first_seq or 0)
         if first > start:
             log.error(
                 "audit archive: facts %d-%d left stream %s before they were archived; the "
@@ -94,9 +87,9 @@ class AuditArchiver:
             )
             start = first
         written: list[str] = []
-        batch: list[ArchivedMessage] = []
-        for seq in range(start, int(state.last_seq) + 1):
-            message = await self._get(seq)
+        batch: list[StoredMessage] = []
+        for seq in range(start, last_in_stream + 1):
+            message = await self._bus.message(self._stream, seq)  # None: never stored
             if message is not None:
                 batch.append(message)
             if len(batch) >= self._max_events:
@@ -106,25 +99,7 @@ class AuditArchiver:
             await self._write(batch, previous, written)
         return written
 
-    async def _get(self, seq: int) -> ArchivedMessage | None:
-        try:
-            raw = await self._js.get_msg(self._stream, seq)
-        except NotFoundError:
-            return None  # never stored (a sequence the server skipped)
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot read message {seq} of {self._stream}: {exc}") from exc
-        if raw.time is None:
-            raise BusError(f"message {seq} of {self._stream} came without its time")
-        return ArchivedMessage(
-            stream=self._stream,
-            seq=seq,
-            subject=str(raw.subject),
-            time=raw.time,
-            msg_id=(raw.headers or {}).get("Nats-Msg-Id", ""),
-            data=raw.data or b"",
-        )
-
-    async def _write(self, batch: list[ArchivedMessage], previous: str, written: list[str]) -> str:
+    async def _write(self, batch: list[StoredMessage], previous: str, written: list[str]) -> str:
         segment = audit_archive.encode(
             batch, object_prefix=self._prefix, stream=self._stream, prev_sha256=previous
         )

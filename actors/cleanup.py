@@ -44,6 +44,7 @@ from actors.pipeline import Runtime
 from dcu.errors import DcuError, PermanentFailure
 from dcu.settings import Settings
 from dramatiq_jetstream import JetStreamBroker
+from events import subjects
 from events.cleanup import (
     CleanupEvent,
     CleanupEventType,
@@ -51,7 +52,6 @@ from events.cleanup import (
     CleanupRequested,
     CleanupResult,
     cutoff,
-    every_kind,
     is_dcu_object,
     is_task_id,
     object_prefix,
@@ -375,7 +375,7 @@ def declare_cleanup(
         )
         result = await run_cleanup(event.kind, ctx.settings, ctx.store, clock())
         done = result.completed(event.event_id)
-        await runtime.publish_raw(done.subject(prefix), done.encode(), done.msg_id)
+        await runtime.publish_raw(subjects.for_cleanup(done, prefix), done.encode(), done.msg_id)
         log.info(
             "cleanup %s: request %s done: %d deleted, %d bytes freed, %d kept, %d errors",
             event.kind,
@@ -389,7 +389,7 @@ def declare_cleanup(
     broker.bind_events(
         CLEANUP_QUEUE,
         CLEANUP_QUEUE,
-        [every_kind(CleanupEventType.REQUESTED, prefix)],
+        [subjects.every_cleanup_kind(CleanupEventType.REQUESTED, prefix)],
         stream=runtime.settings.nats.audit_stream,
     )
     decorate = dramatiq.actor(

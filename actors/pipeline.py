@@ -21,17 +21,14 @@ import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware
-from nats.aio.client import Client
-from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from actors import stages
 from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore, open_store
 from actors.registry_engine import RegistryEngine
-from dcu import bus, diagnostics
-from dcu.errors import BusError, PermanentFailure
+from bus import Bus, Published, connect_options
+from dcu import diagnostics
+from dcu.errors import PermanentFailure
 from dcu.settings import Settings
 from dramatiq_jetstream import (
     DeliveriesExceeded,
@@ -65,31 +62,27 @@ class Runtime:
         self.settings = settings
         self.nats_url = nats_url
         self.name = name
-        self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
+        self._bus: Bus | None = None
         self._engine: DockerEngine | None = None
         self._registry: RegistryEngine | None = None
         self._store: ObjectStore | None = None
         self._lock: asyncio.Lock | None = None
 
-    async def _open(self) -> JetStreamContext:
+    async def _open(self) -> Bus:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._js is None:
+            if self._bus is None:
                 diagnostics.register_loop(f"actors ({self.name})", asyncio.get_running_loop())
-                self._nc = await bus.connect(self.nats_url, self.settings.nats, self.name)
-                self._js = self._nc.jetstream()
-            return self._js
+                self._bus = await Bus.connect(self.nats_url, self.settings.nats, self.name)
+            return self._bus
 
     async def publish(self, event: Event) -> None:
-        js = self._js or await self._open()
-        await bus.publish(js, event, self.settings.nats.subject_prefix)
+        await (self._bus or await self._open()).publish(event)
 
-    async def publish_raw(self, subject: str, data: bytes, msg_id: str) -> bus.Published:
+    async def publish_raw(self, subject: str, data: bytes, msg_id: str) -> Published:
         """Publish bytes that are not a task event (cleanup reports); raises BusError."""
-        js = self._js or await self._open()
-        return await bus.publish_raw(js, subject, data, msg_id)
+        return await (self._bus or await self._open()).publish_raw(subject, data, msg_id)
 
     async def context(self) -> stages.StageContext:
         await self._open()
@@ -112,16 +105,8 @@ class Runtime:
 
     async def recorded(self, task_id: str, event_type: EventType) -> bool:
         """Whether the stream holds a ``event_type`` event for ``task_id`` (a direct
-        last-message-by-subject lookup, no consumer)."""
-        js = self._js or await self._open()
-        subject = subjects.task_event(task_id, event_type, self.settings.nats.subject_prefix)
-        try:
-            await js.get_last_msg(self.settings.nats.audit_stream, subject)
-        except NotFoundError:
-            return False
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot look up {subject}: {exc}") from exc
-        return True
+        last-message-by-subject lookup, no consumer). Raises BusError."""
+        return await (self._bus or await self._open()).has_event(task_id, event_type)
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -133,10 +118,9 @@ class Runtime:
         if self._store is not None:
             await self._store.close()
             self._store = None
-        if self._nc is not None:
-            await self._nc.drain()
-            self._nc = None
-            self._js = None
+        if self._bus is not None:
+            await self._bus.close()
+            self._bus = None
 
 
 def _run_on_actor_loop(coro: Awaitable[Any]) -> Any:
@@ -231,7 +215,7 @@ def build_broker(settings: Settings, nats_url: str, runtime: Runtime) -> JetStre
         subject_prefix=settings.nats.subject_prefix,
         ack_wait=settings.nats.ack_wait,
         max_deliver=settings.nats.max_deliver,
-        connect_options=bus.connect_options(settings.nats),
+        connect_options=connect_options(settings.nats),
         middleware=middleware,
     )
 

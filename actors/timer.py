@@ -26,11 +26,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from nats.js import JetStreamContext
-
-from dcu import bus
+from bus import DUPLICATE_WINDOW, Bus
 from dcu.errors import BusError
 from dcu.settings import Settings
+from events import subjects
 from events.cleanup import CRON_KEYS, CleanupKind, check_cron, next_tick, scheduled_request
 from events.schema import utcnow
 
@@ -41,7 +40,7 @@ Sleep = Callable[[float], Awaitable[None]]
 
 # Seconds after its tick a tick is still published: half the de-duplication window, so
 # a late replica's copy is always recognised as a duplicate of an on-time one.
-MAX_LATENESS = bus.DUPLICATE_WINDOW / 2
+MAX_LATENESS = DUPLICATE_WINDOW / 2
 # Longest single sleep before the wall clock is read again.
 MAX_SLEEP = 60.0
 # Pause between attempts to publish a tick while NATS does not acknowledge.
@@ -83,9 +82,8 @@ class CleanupTimer:
     async def run(self, stop: asyncio.Event) -> None:
         """Publish ticks until ``stop`` is set. Raises BusError when NATS cannot be
         reached at start; later outages only cost the ticks they outlast."""
-        nc = await bus.connect(self.nats_url, self.settings.nats, self.name)
+        bus = await Bus.connect(self.nats_url, self.settings.nats, self.name)
         try:
-            js = nc.jetstream()
             log.info(
                 "cleanup timer %s started: %s",
                 self.name,
@@ -93,14 +91,12 @@ class CleanupTimer:
             )
             async with asyncio.TaskGroup() as group:
                 for kind, cron in self.schedules.items():
-                    group.create_task(self._schedule(js, kind, cron, stop))
+                    group.create_task(self._schedule(bus, kind, cron, stop))
         finally:
-            await nc.drain()
+            await bus.close()
             log.info("cleanup timer %s stopped", self.name)
 
-    async def _schedule(
-        self, js: JetStreamContext, kind: CleanupKind, cron: str, stop: asyncio.Event
-    ) -> None:
+    async def _schedule(self, bus: Bus, kind: CleanupKind, cron: str, stop: asyncio.Event) -> None:
         after = self._clock()
         while not stop.is_set():
             tick = next_tick(cron, after, key=CRON_KEYS[kind])
@@ -115,7 +111,7 @@ class CleanupTimer:
                     late,
                 )
             else:
-                await self._publish(js, kind, tick, stop)
+                await self._publish(bus, kind, tick, stop)
             after = max(tick, self._clock())
 
     async def _sleep_until(self, moment: datetime, stop: asyncio.Event) -> bool:
@@ -141,13 +137,13 @@ class CleanupTimer:
                     await waiter
 
     async def _publish(
-        self, js: JetStreamContext, kind: CleanupKind, tick: datetime, stop: asyncio.Event
+        self, bus: Bus, kind: CleanupKind, tick: datetime, stop: asyncio.Event
     ) -> None:
         event = scheduled_request(kind, tick, self.name, now=self._clock())
-        subject = event.subject(self.settings.nats.subject_prefix)
+        subject = subjects.for_cleanup(event, self.settings.nats.subject_prefix)
         while not stop.is_set():
             try:
-                published = await bus.publish_raw(js, subject, event.encode(), event.msg_id)
+                published = await bus.publish_raw(subject, event.encode(), event.msg_id)
             except BusError as exc:
                 late = (self._clock() - tick).total_seconds()
                 if late + RETRY_PAUSE > MAX_LATENESS:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from dcu import bus, diagnostics
+from bus import Bus
+from dcu import diagnostics
 from dcu.embedded import EmbeddedNats
 from dcu.service import ROLES, StageWorkers, ensure_topology, wait_for_signal
 from dcu.settings import Settings, describe_error, is_loopback, listen_refusal, load_settings
@@ -49,13 +50,13 @@ async def _run_archiver(settings: Settings, nats_url: str, stop: asyncio.Event) 
     from actors.archiver import AuditArchiver
     from actors.object_store import open_store
 
-    nc = await bus.connect(nats_url, settings.nats, "dcu-archiver")
+    connection = await Bus.connect(nats_url, settings.nats, "dcu-archiver")
     store = open_store(settings.minio)
     try:
-        await AuditArchiver(settings, nc.jetstream(), store).run(stop)
+        await AuditArchiver(settings, connection, store).run(stop)
     finally:
         await store.close()
-        await nc.drain()
+        await connection.close()
 
 
 async def _run(
@@ -106,7 +107,14 @@ async def _run(
             workers.start()
         if http:
             app = create_app(settings, nats_url, with_persistence=persist)
-            runner = web.AppRunner(app, handle_signals=False)
+            # Request lines and headers up to 64 KiB reach the gateway (and get its
+            # enveloped 400s); aiohttp's own parser answers longer ones in plain text.
+            runner = web.AppRunner(
+                app,
+                handle_signals=False,
+                max_line_size=MAX_REQUEST_LINE,
+                max_field_size=MAX_REQUEST_LINE,
+            )
             await runner.setup()
             site = web.TCPSite(runner, settings.server.host, settings.server.port)
             await site.start()
@@ -276,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("stages", nargs="+", choices=ROLES, metavar="role", help=", ".join(ROLES))
     return parser
 
+
+MAX_REQUEST_LINE = 64 * 1024  # bytes of a request line or header the gateway reads
 
 # glibc's mallopt parameters (malloc.h); no Python package exposes them.
 _M_MMAP_THRESHOLD = -3

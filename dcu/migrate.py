@@ -22,27 +22,20 @@ A migration that stopped half-way can be run again: facts already in the audit s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import BinaryIO
 
-from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
-
-from dcu import bus
+from bus import Bus
 from dcu.errors import BusError, DcuError
 from dcu.settings import NatsSettings, Settings
 from events import subjects
 
 log = logging.getLogger(__name__)
-
-_READ_TIMEOUT = 10.0  # seconds the old stream may stay silent before the spool is complete
 
 
 class NothingToMigrate(DcuError):
@@ -92,47 +85,31 @@ def _records(spool: BinaryIO) -> Iterator[tuple[str, str, bytes]]:
         yield values[0].decode(), values[1].decode(), values[2]
 
 
-async def _spool(js: JetStreamContext, settings: NatsSettings, spool: BinaryIO) -> int:
+async def _spool(bus: Bus, settings: NatsSettings, spool: BinaryIO) -> int:
     """Copy every message of the old stream, in order, into ``spool``; returns how many.
 
     An ordered consumer reads it while it still has its subjects; once moved off them
     (a migration run again) no consumer filter matches the stored subjects, so the
     messages are read one by one by sequence.
     """
-    info = await js.stream_info(settings.stream)
-    if not info.state.messages:
+    first, last, messages = await bus.stream_state(settings.stream)
+    if not messages:
         return 0
-    if subjects.all_events(settings.subject_prefix) not in (info.config.subjects or []):
-        count = 0
-        for seq in range(int(info.state.first_seq), int(info.state.last_seq) + 1):
-            try:
-                raw = await js.get_msg(settings.stream, seq)
-            except NotFoundError:
-                continue
-            msg_id = (raw.headers or {}).get("Nats-Msg-Id", "")
-            _write(spool, str(raw.subject).encode(), msg_id.encode(), raw.data or b"")
-            count += 1
-        return count
-    subscription = await js.subscribe(
-        subjects.all_events(settings.subject_prefix),
-        stream=settings.stream,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-    )
+    everything = subjects.all_events(settings.subject_prefix)
     count = 0
-    try:
-        while True:
-            try:
-                message = await subscription.next_msg(timeout=_READ_TIMEOUT)
-            except NatsTimeoutError as exc:
-                raise BusError(f"stream {settings.stream} went quiet after {count}") from exc
-            msg_id = (message.headers or {}).get("Nats-Msg-Id", "")
-            _write(spool, message.subject.encode(), msg_id.encode(), message.data)
+    if everything in (await bus.stream_subjects(settings.stream) or []):
+        reader = bus.read(settings.stream, everything)
+        async with contextlib.aclosing(reader):
+            async for message in reader:
+                _write(spool, message.subject.encode(), message.msg_id.encode(), message.data)
+                count += 1
+        return count
+    for seq in range(first, last + 1):
+        found = await bus.message(settings.stream, seq)
+        if found is not None:
+            _write(spool, found.subject.encode(), found.msg_id.encode(), found.data)
             count += 1
-            if not message.metadata.num_pending:
-                return count
-    finally:
-        await subscription.unsubscribe()
+    return count
 
 
 async def migrate_streams(
@@ -140,59 +117,46 @@ async def migrate_streams(
 ) -> MigrationReport:
     """Run the migration described in the module docstring.
 
-    Raises NothingToMigrate when the old stream is missing or already moved off the
-    subjects and nothing is left to copy; BusError when NATS fails.
+    Raises NothingToMigrate when the old stream is missing; BusError when NATS fails.
     """
     nats = settings.nats
     prefix = nats.subject_prefix
-    nc = await bus.connect(nats_url, nats, "dcu-migrate")
+    bus = await Bus.connect(nats_url, nats, "dcu-migrate")
     try:
-        js = nc.jetstream()
-        try:
-            old = (await js.stream_info(nats.stream)).config
-        except NotFoundError:
-            raise NothingToMigrate(f"there is no stream {nats.stream} to migrate") from None
+        old_subjects = await bus.stream_subjects(nats.stream)
+        if old_subjects is None:
+            raise NothingToMigrate(f"there is no stream {nats.stream} to migrate")
         with tempfile.TemporaryFile(prefix="dcu-migrate-") as spool:
-            read = await _spool(js, nats, spool)
+            read = await _spool(bus, nats, spool)
             log.info("read %d messages from stream %s", read, nats.stream)
-            if subjects.all_events(prefix) in (old.subjects or []):
-                for consumer in await js.consumers_info(nats.stream):
-                    await js.delete_consumer(nats.stream, str(consumer.name))
-                await js.update_stream(replace(old, subjects=legacy_subjects(nats)))
+            if subjects.all_events(prefix) in old_subjects:
+                await bus.retire_stream(nats.stream, legacy_subjects(nats))
                 log.info("stream %s moved to %s", nats.stream, legacy_subjects(nats))
-            await bus.ensure_streams(js, nats)
-            already = int((await js.stream_info(nats.audit_stream)).state.messages or 0)
+            await bus.ensure_streams()
+            already = (await bus.stream_state(nats.audit_stream))[2]
             facts = dead = skipped = 0
-            for subject, msg_id, data in _records(spool):
+            for index, (subject, msg_id, data) in enumerate(_records(spool)):
                 kind = _kind(subject, prefix)
                 if kind == "skip":
                     skipped += 1
                     continue
+                copy_id = msg_id or f"migrated-{nats.stream}-{index}"
                 if kind == "dead":
                     dead += 1
-                    await _copy(js, subject, msg_id, data)
+                    await bus.publish_raw(subject, data, copy_id)
                     continue
                 facts += 1
                 if facts > already:
-                    await _copy(js, subject, msg_id, data)
-        copied = int((await js.stream_info(nats.audit_stream)).state.messages or 0)
+                    await bus.publish_raw(subject, data, copy_id)
+        copied = (await bus.stream_state(nats.audit_stream))[2]
         if copied < facts:
             raise BusError(
                 f"the audit stream holds {copied} facts, the old stream had {facts}; "
                 f"stream {nats.stream} is kept, run the migration again"
             )
-        deleted = False
         if delete_old:
-            await js.delete_stream(nats.stream)
-            deleted = True
+            await bus.delete_stream(nats.stream)
             log.info("deleted stream %s", nats.stream)
-        return MigrationReport(read, facts, dead, skipped, deleted)
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"migrating stream {nats.stream} failed: {exc}") from exc
+        return MigrationReport(read, facts, dead, skipped, delete_old)
     finally:
-        await nc.close()
-
-
-async def _copy(js: JetStreamContext, subject: str, msg_id: str, data: bytes) -> None:
-    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-    await js.publish(subject, data, headers=headers, timeout=10)
+        await bus.close()

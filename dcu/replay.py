@@ -12,12 +12,10 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from nats.errors import Error as NatsError
-
 from actors.archiver import list_segments, read_segment
 from actors.object_store import ObjectStore, open_store
-from dcu import bus
-from dcu.errors import BusError, DcuError
+from bus import Bus
+from dcu.errors import DcuError
 from dcu.settings import Settings
 from events import subjects
 from events.audit_archive import ArchiveDamaged, Chain, Segment
@@ -61,22 +59,16 @@ async def replay(
     edited segment; BusError, StorageError or DatabaseError when a part fails.
     """
     stream = settings.nats.audit_stream
-    nc = await bus.connect(nats_url, settings.nats, "dcu-replay")
+    connection = await Bus.connect(nats_url, settings.nats, "dcu-replay")
     try:
-        js = nc.jetstream()
-        try:
-            state = (await js.stream_info(stream)).state
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot read stream {stream}: {exc}") from exc
-        first = int(state.first_seq or 0)
-        last = int(state.last_seq or 0)
+        first, last, messages = await connection.stream_state(stream)
         store = open_store(settings.minio) if from_archive else None
         try:
             archived = await _check_archive(settings, store) if store is not None else 0
             # the stream must go on where the archive ends (or start at 1 without one)
-            head_lost = (first > archived + 1) or (state.messages == 0 and last > archived)
+            head_lost = (first > archived + 1) or (messages == 0 and last > archived)
             if head_lost and not allow_partial:
-                gone_to = first - 1 if state.messages else last
+                gone_to = first - 1 if messages else last
                 covered = f"; the audit archive ends at {archived}" if from_archive else ""
                 advice = (
                     "Pass --allow-partial to rebuild what is left"
@@ -95,8 +87,7 @@ async def replay(
                 if store is not None:
                     await _apply_archive(settings, store, rebuild)
                 counts = await rebuild_from_stream(
-                    js,
-                    settings.nats,
+                    connection,
                     rebuild.repository,
                     start_seq=archived + 1,
                     rebuild=rebuild,
@@ -107,7 +98,7 @@ async def replay(
             if store is not None:
                 await store.close()
     finally:
-        await nc.close()
+        await connection.close()
     report = ReplayReport(counts=counts, first_seq=first, partial=head_lost, archived=archived)
     log.info(
         "replayed %s%s from sequence %d%s: tasks rebuilt %d, events applied %d, events refused %d",

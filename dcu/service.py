@@ -16,7 +16,7 @@ import dramatiq
 
 from actors.cleanup import CLEANUP_QUEUE, declare_cleanup
 from actors.pipeline import Runtime, build_broker, declare_stage, worker_name
-from dcu import bus
+from bus import Bus
 from dcu.settings import Settings
 from events.schema import Stage
 
@@ -83,14 +83,12 @@ async def ensure_topology(
     settings: Settings, nats_url: str, *, apply: bool = False
 ) -> dict[str, list[str]]:
     """Set up the streams before any consumer is declared on them; returns where existing
-    streams differ from the settings (see ``bus.ensure_streams``)."""
-    nc = await bus.connect(nats_url, settings.nats, "dcu-setup")
+    streams differ from the settings (see ``bus.streams.ensure_streams``)."""
+    connection = await Bus.connect(nats_url, settings.nats, "dcu-setup")
     try:
-        return await bus.ensure_streams(
-            nc.jetstream(), settings.nats, apply=apply, peers=bus.cluster_size(nc)
-        )
+        return await connection.ensure_streams(apply=apply)
     finally:
-        await nc.close()
+        await connection.close()
 
 
 async def wait_for_signal(stop: asyncio.Event | None = None) -> None:

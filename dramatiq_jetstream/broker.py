@@ -80,7 +80,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from dramatiq.broker import Broker, Consumer, MessageProxy
-from dramatiq.common import current_millis, dq_name, q_name
+from dramatiq.common import compute_backoff, current_millis, dq_name, q_name
 from dramatiq.errors import (
     ConnectionClosed,
     ConnectionFailed,
@@ -741,16 +741,17 @@ class JetStreamBroker(Broker):
         """Await ``attempt()``, retrying transient failures (server away, JetStream not
         ready yet) until the monotonic ``deadline``; then the last error is raised.
         """
-        pause = 0.1
+        attempts = 0
         while True:
             try:
                 return await attempt()
             except _TRANSIENT_ERRORS as exc:
+                attempts, backoff_ms = compute_backoff(attempts, factor=100, max_backoff=1000)
+                pause = backoff_ms / 1000
                 if time.monotonic() + pause >= deadline:
                     raise
-                logger.info("%s failed (%s), retrying", what, exc)
+                logger.info("%s failed (%s), retrying in %.2fs", what, exc, pause)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
 
     async def _enqueue(self, queue_name: str, payload: bytes, headers: dict[str, str]) -> None:
         deadline = time.monotonic() + _PUBLISH_DEADLINE

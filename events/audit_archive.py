@@ -39,7 +39,7 @@ class ArchiveDamaged(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class ArchivedMessage:
+class StoredMessage:
     """One message of the audit stream as archived (and as replayed)."""
 
     stream: str
@@ -84,7 +84,7 @@ def sha256(body: bytes) -> str:
 
 
 def encode(
-    messages: Iterable[ArchivedMessage], *, object_prefix: str, stream: str, prev_sha256: str
+    messages: Iterable[StoredMessage], *, object_prefix: str, stream: str, prev_sha256: str
 ) -> Segment:
     """The segment object for ``messages`` (in order, at least one)."""
     lines = []
@@ -116,7 +116,7 @@ def encode(
     return Segment(segment_name(object_prefix, stream, first, last), body, metadata)
 
 
-def decode(segment: Segment, stream: str) -> list[ArchivedMessage]:
+def decode(segment: Segment, stream: str) -> list[StoredMessage]:
     """The messages of a segment; raises ArchiveDamaged when it cannot be read."""
     try:
         text = gzip.decompress(segment.body).decode()
@@ -124,7 +124,7 @@ def decode(segment: Segment, stream: str) -> list[ArchivedMessage]:
         for line in text.splitlines():
             record = json.loads(line)
             messages.append(
-                ArchivedMessage(
+                StoredMessage(
                     stream=stream,
                     seq=int(record["seq"]),
                     subject=str(record["subject"]),
@@ -151,7 +151,7 @@ class Chain:
     def last_seq(self) -> int:
         return self.expected_first - 1
 
-    def check(self, segment: Segment) -> list[ArchivedMessage]:
+    def check(self, segment: Segment) -> list[StoredMessage]:
         """The segment's messages; raises ArchiveDamaged when the archive does not start
         at sequence 1, the segment's bytes do not match its ``sha256``, the chain of
         ``prev-sha256`` breaks, or sequences are missing between or within segments."""
@@ -185,7 +185,7 @@ class Chain:
         return messages
 
 
-def verify(segments: Iterable[Segment], stream: str) -> Iterator[ArchivedMessage]:
+def verify(segments: Iterable[Segment], stream: str) -> Iterator[StoredMessage]:
     """Check and yield the messages of ``segments`` in order (see ``Chain.check``)."""
     chain = Chain(stream)
     for segment in segments:

@@ -85,23 +85,6 @@ def parse_kind(value: object) -> CleanupKind:
     raise ValueError(f"unknown cleanup kind {value!r}; expected one of: {kinds}")
 
 
-# -- subjects -------------------------------------------------------------------------
-
-
-def subject(kind: CleanupKind, event_type: CleanupEventType, prefix: str = "dcu") -> str:
-    """``<prefix>.cleanup.<kind>.<type>``."""
-    return f"{prefix}.cleanup.{kind}.{event_type}"
-
-
-def every_kind(event_type: CleanupEventType, prefix: str = "dcu") -> str:
-    """``<prefix>.cleanup.*.<type>``: e.g. every cleanup request, whatever its kind."""
-    return f"{prefix}.cleanup.*.{event_type}"
-
-
-def all_cleanup(prefix: str = "dcu") -> str:
-    return f"{prefix}.cleanup.>"
-
-
 # -- events ---------------------------------------------------------------------------
 
 
@@ -216,9 +199,6 @@ class CleanupEvent:
         ):
             return tick_msg_id(self.kind, payload.scheduled_for)
         return self.event_id
-
-    def subject(self, prefix: str = "dcu") -> str:
-        return subject(self.kind, self.type, prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return {

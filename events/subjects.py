@@ -4,8 +4,7 @@ Audit stream (``<stream>_AUDIT``): the facts, kept for audits and replay.
 
 * ``dcu.task.<task_id>.<event_type>``: every lifecycle fact about a task. Follow one task
   with ``dcu.task.<task_id>.>``, one kind of fact with ``dcu.task.*.downloaded``.
-* ``dcu.cleanup.<kind>.<event_type>``: scheduled and on-demand cleanup runs
-  (built in ``events.cleanup``).
+* ``dcu.cleanup.<kind>.<event_type>``: scheduled and on-demand cleanup runs.
 
 Progress stream (``<stream>_PROGRESS``): ``dcu.progress.<task_id>``, the latest progress
 report of each running task (the stream keeps one per subject).
@@ -16,7 +15,12 @@ queue) and ``dcu.dead.<queue>`` (messages a stage gave up on, with the reason).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from events.schema import Event, EventType
+
+if TYPE_CHECKING:  # events.cleanup builds its subjects here: no import at run time
+    from events.cleanup import CleanupEvent
 
 DEFAULT_PREFIX = "dcu"
 
@@ -47,6 +51,24 @@ def every_task(event_type: EventType | None = None, prefix: str = DEFAULT_PREFIX
     return f"{prefix}.task.*.{event_type}"
 
 
+def cleanup(kind: str, event_type: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``<prefix>.cleanup.<kind>.<type>`` (``kind``, ``event_type``: the cleanup enums)."""
+    return f"{prefix}.cleanup.{kind}.{event_type}"
+
+
+def for_cleanup(event: CleanupEvent, prefix: str = DEFAULT_PREFIX) -> str:
+    return cleanup(event.kind, event.type, prefix)
+
+
+def every_cleanup_kind(event_type: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``<prefix>.cleanup.*.<type>``: e.g. every cleanup request, whatever its kind."""
+    return f"{prefix}.cleanup.*.{event_type}"
+
+
+def all_cleanup(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}.cleanup.>"
+
+
 def progress(task_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.progress.{task_id}"
 
@@ -61,6 +83,12 @@ def every_queue(prefix: str = DEFAULT_PREFIX) -> str:
 
 def every_dead(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.dead.>"
+
+
+def is_token(text: str) -> bool:
+    """Whether ``text`` is exactly one subject token (no dot, wildcard or whitespace), so
+    a subject built from it names only what it should."""
+    return bool(text) and not any(ch in ".*>" or ch.isspace() for ch in text)
 
 
 def task_of(subject: str, prefix: str = DEFAULT_PREFIX) -> str | None:

@@ -25,11 +25,9 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
 
-from dcu import bus
-from dcu.errors import BusError, InvalidInput
+from dcu.errors import InvalidInput
+from events import subjects
 from events.cleanup import (
     CleanupCompleted,
     CleanupEvent,
@@ -37,12 +35,11 @@ from events.cleanup import (
     CleanupKind,
     admin_request,
     parse_kind,
-    subject,
 )
 from events.schema import DecodeError
 from gateway import auth, envelope, views
 from gateway.http import read_object, respond
-from gateway.keys import API, JETSTREAM, NATS, SETTINGS
+from gateway.keys import API, BUS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +91,15 @@ async def request_cleanup(request: web.Request) -> web.Response:
     requested_by = request.get(auth.USER, requested_by)
     event = admin_request(kind, requested_by)
     prefix = request.app[SETTINGS].nats.subject_prefix
-    done_subject = subject(kind, CleanupEventType.COMPLETED, prefix)
+    done_subject = subjects.cleanup(kind, CleanupEventType.COMPLETED, prefix)
     loop = asyncio.get_running_loop()
     completed: asyncio.Future[CleanupEvent] = loop.create_future()
 
-    async def on_completed(msg: Msg) -> None:
+    async def on_completed(subject: str, data: bytes) -> None:
         try:
-            done = CleanupEvent.decode(msg.data)
+            done = CleanupEvent.decode(data)
         except DecodeError as exc:
-            log.warning("undecodable message on %s: %s", msg.subject, exc)
+            log.warning("undecodable message on %s: %s", subject, exc)
             return
         if (
             isinstance(done.payload, CleanupCompleted)
@@ -111,16 +108,11 @@ async def request_cleanup(request: web.Request) -> web.Response:
         ):
             completed.set_result(done)
 
-    nc = request.app[NATS]
+    bus = request.app[BUS]
+    # confirmed by the server before the request is published, so no completion is missed
+    subscription = await bus.live([done_subject], on_completed)
     try:
-        subscription = await nc.subscribe(done_subject, cb=on_completed)
-        await nc.flush(timeout=5)  # the server knows the subscription before we publish
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot subscribe to {done_subject}: {exc}") from exc
-    try:
-        await bus.publish_raw(
-            request.app[JETSTREAM], event.subject(prefix), event.encode(), event.msg_id
-        )
+        await bus.publish_raw(subjects.for_cleanup(event, prefix), event.encode(), event.msg_id)
         log.info("cleanup %s: request %s by %s published", kind, event.event_id, requested_by)
         stopping = asyncio.ensure_future(request.app[WAITING].stopping.wait())
         waiters: set[asyncio.Future[Any]] = {completed, stopping}
@@ -131,8 +123,7 @@ async def request_cleanup(request: web.Request) -> web.Response:
             with contextlib.suppress(asyncio.CancelledError):
                 await stopping
     finally:
-        with contextlib.suppress(NatsError):
-            await subscription.unsubscribe()
+        await subscription.close()
     if completed.done():
         return respond(envelope.ok(completed.result().to_dict(), "cleanup completed"))
     completed.cancel()

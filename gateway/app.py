@@ -13,12 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
-from dcu import bus
+from bus import Bus
 from dcu.errors import DcuError, NotFound, Unauthorized
 from dcu.settings import Settings
 from gateway import admin, auth, envelope, events_api, openapi, start, views
 from gateway.http import respond
-from gateway.keys import API, JETSTREAM, NATS, NATS_URL, SETTINGS
+from gateway.keys import API, BUS, NATS_URL, SETTINGS
 from persistence import repository
 from persistence.database import close_database, init_database
 from persistence.runner import subscriber_running
@@ -116,8 +116,7 @@ async def query_tasks(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    nc = request.app[NATS]
-    checks = {"nats": "connected" if nc.is_connected else "disconnected"}
+    checks = {"nats": "connected" if request.app[BUS].connected else "disconnected"}
     try:
         await repository.ping()
         checks["database"] = "ok"
@@ -133,12 +132,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    nc = await bus.connect(app[NATS_URL], settings.nats, "dcu-gateway")
-    js = nc.jetstream()
-    app[NATS] = nc
-    app[JETSTREAM] = js
+    app[BUS] = await Bus.connect(app[NATS_URL], settings.nats, "dcu-gateway")
     yield
-    await nc.drain()
+    await app[BUS].close()
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:

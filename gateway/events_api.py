@@ -30,22 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 
-from dcu.errors import BusError, DcuError, InvalidInput, NotFound, UpstreamTimeout
-from dcu.settings import Settings
+from bus import Bus, LiveSubscription
+from dcu.errors import DcuError, InvalidInput, NotFound
 from events import subjects
 from events.schema import DecodeError, Event, EventType
 from gateway import envelope, views
 from gateway.http import respond
-from gateway.keys import API, JETSTREAM, NATS, SETTINGS
+from gateway.keys import API, BUS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -211,146 +203,66 @@ def sse_message(event: Event) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
-def _decode(msg: Msg) -> Event | None:
-    """The event in ``msg``, or None (logged) when it is not one or does not match its
-    subject ``<prefix>.task.<task_id>.<type>`` (a forged or misrouted message)."""
+def _decode(subject: str, data: bytes, prefix: str) -> Event | None:
+    """The event in ``data``, or None (logged) when it is not one or was not published on
+    its own subject (``subjects.for_event``: a forged or misrouted message)."""
     try:
-        event = Event.decode(msg.data)
+        event = Event.decode(data)
     except DecodeError as exc:
         log.warning(
             "skipping message on %s, not an event (%s): %r",
-            msg.subject,
+            subject,
             exc,
             exc.raw[:RAW_LOG_LIMIT],
         )
         return None
-    tokens = msg.subject.split(".")
-    if len(tokens) != 4 or tokens[2] != event.task_id or tokens[3] != event.type:
+    if subject != subjects.for_event(event, prefix):
         log.warning(
             "skipping event %s of task %s: it does not match its subject %s",
             event.event_id,
             event.task_id,
-            msg.subject,
+            subject,
         )
         return None
     return event
 
 
 async def read_history(
-    js: JetStreamContext,
-    settings: Settings,
-    task_id: str,
-    *,
-    deadline: float | None = None,
-    idle_timeout: float = IDLE_TIMEOUT,
+    bus: Bus, task_id: str, *, deadline: float | None = None
 ) -> AsyncGenerator[tuple[int, Event], None]:
-    """Yield ``(stream sequence, event)`` for every event of the task, in stream order.
-
-    Reads with an ephemeral ordered consumer (no state left on the server) until it has
-    caught up with the stream; yields nothing when the stream holds no event for the
-    task. Undecodable messages are logged and skipped. Raises BusError when JetStream
-    cannot be read, UpstreamTimeout when it goes quiet for ``idle_timeout`` seconds
-    before the end or the monotonic ``deadline`` passes. Close it (``aclosing``) when
-    stopping early, so the consumer is removed.
+    """Yield ``(stream sequence, event)`` for every fact of the task, in stream order;
+    nothing when the audit stream holds none. Undecodable messages are logged and
+    skipped. Raises BusError when JetStream cannot be read, UpstreamTimeout when it goes
+    quiet before the end or the monotonic ``deadline`` passes. Close it (``aclosing``)
+    when stopping early, so the reader is removed.
     """
-    subject = subjects.one_task(task_id, settings.nats.subject_prefix)
-    stream = settings.nats.audit_stream
-    try:
-        subscription = await js.subscribe(
-            subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot read stream {stream} for task {task_id}: {exc!r}") from exc
-    try:
-        try:
-            info = await subscription.consumer_info()
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot read stream {stream} for task {task_id}: {exc!r}") from exc
-        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-            return
-        while True:
-            timeout = idle_timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
-                    raise UpstreamTimeout(
-                        f"reading the events of task {task_id} took too long; try again"
-                    )
-            try:
-                message = await subscription.next_msg(timeout=timeout)
-            except NatsTimeoutError as exc:
-                raise UpstreamTimeout(
-                    f"stream {stream} went quiet while reading the events of task {task_id}"
-                ) from exc
-            except NatsError as exc:
-                raise BusError(f"cannot read stream {stream} for task {task_id}: {exc!r}") from exc
-            metadata = message.metadata
-            event = _decode(message)
+    left = None if deadline is None else (lambda: deadline - time.monotonic())
+    prefix = bus.settings.subject_prefix
+    reader = bus.history(task_id, deadline=left)
+    async with contextlib.aclosing(reader):
+        async for message in reader:
+            event = _decode(message.subject, message.data, prefix)
             if event is not None:
-                yield metadata.sequence.stream, event
-            if not metadata.num_pending:
-                return
-    finally:
-        with contextlib.suppress(NatsError, TimeoutError):
-            await subscription.unsubscribe()
+                yield message.seq, event
 
 
-async def latest_progress(
-    js: JetStreamContext, settings: Settings, task_id: str
-) -> tuple[int, Event] | None:
-    """The task's latest progress report (the progress stream keeps only that one) with
-    its sequence in the progress stream; None when there is none. Raises BusError."""
-    subject = subjects.progress(task_id, settings.nats.subject_prefix)
-    try:
-        message = await js.get_last_msg(settings.nats.progress_stream, subject)
-    except NotFoundError:
-        return None
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot read the progress of task {task_id}: {exc!r}") from exc
-    try:
-        return message.seq or 0, Event.decode(message.data or b"")
-    except DecodeError:
-        return None
+async def _subscribe_live(bus: Bus, subject_list: list[str], feed: LiveFeed) -> LiveSubscription:
+    """Core NATS subscriptions feeding ``feed``, confirmed by the server. Raises BusError."""
+    prefix = bus.settings.subject_prefix
 
-
-async def _subscribe_live(
-    nc: Client, subject_list: list[str], feed: LiveFeed
-) -> list[Subscription]:
-    """Core NATS subscriptions feeding ``feed``, confirmed by the server (flush).
-
-    Raises BusError when NATS refuses or does not answer.
-    """
-
-    async def deliver(msg: Msg) -> None:
-        event = _decode(msg)
+    async def deliver(subject: str, data: bytes) -> None:
+        event = _decode(subject, data, prefix)
         if event is not None:
             feed.push(event)
 
-    opened: list[Subscription] = []
-    try:
-        for subject in subject_list:
-            opened.append(await nc.subscribe(subject, cb=deliver))
-        await nc.flush(timeout=5)
-    except (NatsError, TimeoutError) as exc:
-        for subscription in opened:
-            await _unsubscribe(subscription)
-        raise BusError(f"cannot subscribe to {subject_list}: {exc!r}") from exc
-    return opened
+    return await bus.live(subject_list, deliver)
 
 
-async def _unsubscribe(subscription: Subscription) -> None:
-    with contextlib.suppress(NatsError, TimeoutError):
-        await subscription.unsubscribe()
-
-
-async def _close_live(
-    app: web.Application, feed: LiveFeed, subscriptions: list[Subscription]
-) -> None:
+async def _close_live(app: web.Application, feed: LiveFeed, subscription: LiveSubscription) -> None:
     """Undo what opening a live stream did: unregister, drop the feed, unsubscribe."""
     app[STREAMS].feeds.discard(feed)
     feed.discard()
-    for subscription in subscriptions:
-        await _unsubscribe(subscription)
+    await subscription.close()
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -442,24 +354,16 @@ async def task_history(request: web.Request) -> web.Response:
     JetStream cannot be read in ``HISTORY_TIMEOUT`` seconds."""
     task_id = views.check_task_id(request.match_info["task_id"])
     include_progress = parse_flag(request.query, "include_progress", True)
-    settings = request.app[SETTINGS]
     found = False
     truncated = False
     items: list[dict[str, Any]] = []
-    history = read_history(
-        request.app[JETSTREAM],
-        settings,
-        task_id,
-        deadline=time.monotonic() + HISTORY_TIMEOUT,
-    )
+    history = read_history(request.app[BUS], task_id, deadline=time.monotonic() + HISTORY_TIMEOUT)
     collected: list[tuple[int, Event]] = []
     async with contextlib.aclosing(history):
         async for seq, event in history:
             found = True
             collected.append((seq, event))
-    if include_progress and (
-        progress := await latest_progress(request.app[JETSTREAM], settings, task_id)
-    ):
+    if include_progress and (progress := await request.app[BUS].latest_progress(task_id)):
         collected = _with_progress(collected, progress)
     for seq, event in collected:
         if len(items) >= MAX_EVENTS:
@@ -490,7 +394,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     live = [subjects.one_task(task_id, prefix)]
     if include_progress:
         live.append(subjects.progress(task_id, prefix))
-    subscription = await _subscribe_live(app[NATS], live, feed)
+    subscription = await _subscribe_live(app[BUS], live, feed)
     app[STREAMS].add(feed)
     writer = _SseWriter(request)
     reason = "ended"
@@ -505,13 +409,11 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
                 await writer.event(event)
 
         collected: list[tuple[int, Event]] = []
-        history = read_history(app[JETSTREAM], settings, task_id)
+        history = read_history(app[BUS], task_id)
         async with contextlib.aclosing(history):
             async for seq, event in history:
                 collected.append((seq, event))
-        if include_progress and (
-            progress := await latest_progress(app[JETSTREAM], settings, task_id)
-        ):
+        if include_progress and (progress := await app[BUS].latest_progress(task_id)):
             collected = _with_progress(collected, progress)
         for _seq, event in collected:
             found = True
@@ -571,7 +473,7 @@ async def all_tasks_stream(request: web.Request) -> web.StreamResponse:
     else:
         live = [subjects.every_task(event_type, prefix)]
     subject = ", ".join(live)
-    subscription = await _subscribe_live(app[NATS], live, feed)
+    subscription = await _subscribe_live(app[BUS], live, feed)
     app[STREAMS].add(feed)
     writer = _SseWriter(request)
     reason = "ended"

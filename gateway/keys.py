@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from aiohttp import web
-from nats.aio.client import Client
-from nats.js import JetStreamContext
 
+from bus import Bus
 from dcu.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 NATS_URL = web.AppKey("nats_url", str)
-NATS = web.AppKey("nats", Client)
-JETSTREAM = web.AppKey("jetstream", JetStreamContext)
+BUS = web.AppKey("bus", Bus)  # the gateway's NATS connection
 
 API = "/api/dcu"

@@ -27,7 +27,6 @@ from datetime import datetime
 
 from aiohttp import web
 
-from dcu import bus
 from dcu.errors import (
     BusError,
     Conflict,
@@ -35,14 +34,13 @@ from dcu.errors import (
     NotFound,
     TooManyRequests,
 )
-from events import subjects
 from events.platform import InvalidPlatform, parse_platform
 from events.reference import InvalidReference, parse_reference, registry_refusal
 from events.schema import DecodeError, Event, EventType, Requested, once_per_task_id
 from events.states import TaskState
 from gateway import auth, envelope, views
 from gateway.http import read_object, respond
-from gateway.keys import JETSTREAM, SETTINGS
+from gateway.keys import BUS, SETTINGS
 from persistence import repository
 
 log = logging.getLogger(__name__)
@@ -191,11 +189,8 @@ def stream_detail(event: Event) -> repository.TaskDetailRecord | None:
 async def stored_request(app: web.Application, task_id: str) -> Event | None:
     """The task's ``requested`` event in the stream, None when the stream has none (or
     only something that is not one, which is logged). Raises BusError."""
-    settings = app[SETTINGS]
     try:
-        event = await bus.last_task_event(
-            app[JETSTREAM], settings.nats, task_id, EventType.REQUESTED
-        )
+        event = await app[BUS].last_event(task_id, EventType.REQUESTED)
     except DecodeError as exc:
         log.warning("task %s: the stream's requested message is not an event: %s", task_id, exc)
         return None
@@ -261,13 +256,10 @@ async def publish_requested(app: web.Application, event: Event) -> bool:
 
     Raises BusError when no attempt is acknowledged.
     """
-    settings = app[SETTINGS]
-    subject = subjects.for_event(event, settings.nats.subject_prefix)
-    data = event.encode()
     delay = PUBLISH_BACKOFF
     for attempt in range(1, PUBLISH_ATTEMPTS + 1):
         try:
-            published = await bus.publish_raw(app[JETSTREAM], subject, data, event.event_id)
+            published = await app[BUS].publish(event)
         except BusError as exc:
             if attempt == PUBLISH_ATTEMPTS:
                 raise

@@ -4,79 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Awaitable
-from datetime import datetime
 
-from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
-
-from dcu import bus
-from dcu.errors import BusError
-from dcu.settings import NatsSettings, Settings
-from events import subjects
-from events.schema import Event, EventType
+from bus import Bus
+from dcu.settings import Settings
+from events.schema import Event
 from persistence.database import close_database, init_database
 from persistence.repository import TaskRepository
 from persistence.subscriber import PersistenceSubscriber
 from persistence.watchdog import StreamEvent, StuckTaskWatchdog
 
-# What a task id must be to stand for exactly one subject token.
-_SUBJECT_TOKEN = re.compile(r"[^.*>\s]+")
 
-
-async def last_task_event(
-    js: JetStreamContext, settings: NatsSettings, task_id: str
-) -> StreamEvent | None:
-    """The task's latest event, progress reports included: its type and the time its
-    stream stored it. The newer of two last-message-by-subject gets: the task's latest
-    fact in the audit stream (``<prefix>.task.<task_id>.>``; nats-server answers a
-    wildcard subject with the newest message matching it) and its latest report in the
-    progress stream (``<prefix>.progress.<task_id>``). None when neither stream holds
-    anything of the task (never published, or aged out), or when ``task_id`` is not one
-    subject token (it could match other tasks). Raises BusError when a stream cannot be
-    asked.
-    """
-    if not _SUBJECT_TOKEN.fullmatch(task_id):
-        return None
-    prefix = settings.subject_prefix
-    fact = await _last_message(js, settings.audit_stream, subjects.one_task(task_id, prefix))
-    report = await _last_message(js, settings.progress_stream, subjects.progress(task_id, prefix))
-    found = []
-    if fact is not None:
-        found.append(StreamEvent(type=fact[0].rsplit(".", 1)[-1], time=fact[1]))
-    if report is not None:
-        found.append(StreamEvent(type=str(EventType.PROGRESS), time=report[1]))
-    return max(found, key=lambda event: event.time, default=None)
-
-
-async def _last_message(
-    js: JetStreamContext, stream: str, subject: str
-) -> tuple[str, datetime] | None:
-    """Subject and stored time of the newest message on ``subject`` in ``stream``; None
-    when there is none (or no such stream). Raises BusError."""
-    try:
-        msg = await js.get_last_msg(stream, subject)
-    except NotFoundError:
-        return None
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot look up {subject} in {stream}: {exc}") from exc
-    if msg.subject is None or msg.time is None:
-        raise BusError(f"{stream} answered {subject} without a subject or a time")
-    return msg.subject, msg.time
+async def last_task_event(bus: Bus, task_id: str) -> StreamEvent | None:
+    """The task's latest event in the streams (a fact of any type, or its progress):
+    its type and the time the stream stored it; None when the streams hold nothing of
+    it or ``task_id`` is not one subject token. Raises BusError."""
+    found = await bus.last_activity(task_id)
+    return None if found is None else StreamEvent(type=found.type, time=found.time)
 
 
 @contextlib.asynccontextmanager
 async def subscriber_running(settings: Settings, nats_url: str) -> AsyncIterator[None]:
-    """The subscriber on its own NATS connection; the database must already be open."""
-    nc = await bus.connect(nats_url, settings.nats, "dcu-persistence")
+    """The subscriber and the watchdog on the role's own NATS connection; the database
+    must already be open."""
+    bus = await Bus.connect(nats_url, settings.nats, "dcu-persistence")
     try:
-        js = nc.jetstream()
         repository = TaskRepository()
         subscriber = PersistenceSubscriber(
-            js,
-            settings.nats,
+            bus,
             repository,
             unknown_retry_delay=settings.persistence.unknown_retry_delay,
             unknown_type_grace=settings.persistence.unknown_type_grace,
@@ -87,10 +42,10 @@ async def subscriber_running(settings: Settings, nats_url: str) -> AsyncIterator
         if settings.workers.stuck_after > 0:
 
             async def publish(event: Event) -> None:
-                await bus.publish(js, event, settings.nats.subject_prefix)
+                await bus.publish(event)
 
             async def last_event(task_id: str) -> StreamEvent | None:
-                return await last_task_event(js, settings.nats, task_id)
+                return await last_task_event(bus, task_id)
 
             watchdog = StuckTaskWatchdog(
                 repository,
@@ -108,7 +63,7 @@ async def subscriber_running(settings: Settings, nats_url: str) -> AsyncIterator
                 await watchdog_task
             await subscriber.stop(grace=settings.workers.shutdown_grace)
     finally:
-        await nc.drain()
+        await bus.close()
 
 
 async def run_persistence(settings: Settings, nats_url: str, until: Awaitable[None]) -> None:

@@ -31,22 +31,16 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError
-
-from dcu.errors import BusError, DcuError
+from bus import Bus, Delivery, PullConsumer
+from dcu.errors import DcuError
 from dcu.settings import NatsSettings
 from events import subjects
-from events.audit_archive import ArchivedMessage
+from events.audit_archive import StoredMessage
 from events.schema import DecodeError, Event, EventType, UnknownEventType, utcnow
 from persistence.database import DatabaseError
 from persistence.repository import ApplyOutcome
@@ -54,7 +48,6 @@ from persistence.repository import ApplyOutcome
 log = logging.getLogger(__name__)
 
 RAW_LOG_LIMIT = 200  # bytes of an undecodable message shown in the log
-ACK_TIMEOUT = 5.0  # seconds ``ack_sync`` waits for the server's confirmation
 
 
 class EventSink(Protocol):
@@ -96,42 +89,12 @@ def progress_consumer_name(settings: NatsSettings) -> str:
     return f"{settings.stream}-persistence-progress"
 
 
-def consumer_config(settings: NatsSettings) -> ConsumerConfig:
-    """The audit durable: every task fact from the start, one unacked at a time."""
-    return ConsumerConfig(
-        durable_name=consumer_name(settings),
-        description="DCU persistence: records every task event in the database",
-        filter_subject=subjects.every_task(prefix=settings.subject_prefix),
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait,
-        max_deliver=-1,  # a database outage must never drop an event
-        max_ack_pending=1,  # strict stream order, even across naks
-    )
-
-
-def progress_consumer_config(settings: NatsSettings) -> ConsumerConfig:
-    """The progress durable: the latest report per task; order does not matter (an
-    older report never replaces a newer one in the database)."""
-    return ConsumerConfig(
-        durable_name=progress_consumer_name(settings),
-        description="DCU persistence: records the latest progress of each task",
-        filter_subject=subjects.every_progress(settings.subject_prefix),
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait,
-        max_deliver=-1,
-        max_ack_pending=256,
-    )
-
-
 class PersistenceSubscriber:
     """Feeds the durable consumers' events to ``repository.apply`` until stopped."""
 
     def __init__(
         self,
-        js: JetStreamContext,
-        settings: NatsSettings,
+        bus: Bus,
         repository: EventSink,
         *,
         fetch_timeout: float = 5.0,
@@ -141,8 +104,8 @@ class PersistenceSubscriber:
         unknown_type_grace: float = 300.0,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._js = js
-        self._settings = settings
+        self._bus = bus
+        self._settings = bus.settings
         self._repository = repository
         self._fetch_timeout = fetch_timeout
         self._retry_delay = retry_delay
@@ -150,8 +113,8 @@ class PersistenceSubscriber:
         self._unknown_retry_delay = unknown_retry_delay
         self._unknown_type_grace = unknown_type_grace
         self._clock = clock
-        self._subscription: JetStreamContext.PullSubscription | None = None
-        self._progress_subscription: JetStreamContext.PullSubscription | None = None
+        self._consumer: PullConsumer | None = None
+        self._progress_consumer: PullConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._progress_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -171,32 +134,32 @@ class PersistenceSubscriber:
         if self._task is not None:
             raise RuntimeError("persistence subscriber already started")
         name = consumer_name(self._settings)
-        audit, progress = self._settings.audit_stream, self._settings.progress_stream
-        try:
-            await self._ensure_consumer(audit, consumer_config(self._settings))
-            await self._ensure_consumer(progress, progress_consumer_config(self._settings))
-            self._subscription = await self._js.pull_subscribe_bind(durable=name, stream=audit)
-            self._progress_subscription = await self._js.pull_subscribe_bind(
-                durable=progress_consumer_name(self._settings), stream=progress
-            )
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot start consumer {name}: {exc}") from exc
+        settings = self._settings
+        # Every task fact from the start, one unacked at a time (strict stream order, even
+        # across naks); never given up on (a database outage must not drop an event).
+        self._consumer = await self._bus.durable(
+            settings.audit_stream,
+            name,
+            subjects.every_task(prefix=settings.subject_prefix),
+            description="DCU persistence: records every task event in the database",
+            max_ack_pending=1,
+        )
+        # The latest report per task; order does not matter (an older report never
+        # replaces a newer one in the database).
+        self._progress_consumer = await self._bus.durable(
+            settings.progress_stream,
+            progress_consumer_name(settings),
+            subjects.every_progress(settings.subject_prefix),
+            description="DCU persistence: records the latest progress of each task",
+            max_ack_pending=256,
+        )
         self._stopping.clear()
-        self._task = asyncio.create_task(self._run(self._subscription), name=name)
+        self._task = asyncio.create_task(self._run(self._consumer), name=name)
         self._progress_task = asyncio.create_task(
-            self._run(self._progress_subscription, track_busy=False),
-            name=progress_consumer_name(self._settings),
+            self._run(self._progress_consumer, track_busy=False),
+            name=progress_consumer_name(settings),
         )
         log.info("persistence subscriber %s started", name)
-
-    async def _ensure_consumer(self, stream: str, config: ConsumerConfig) -> None:
-        """Create the durable consumer, or update what the server lets change in place."""
-        try:
-            await self._js.add_consumer(stream, config)
-        except APIError as exc:
-            # e.g. "deliver policy can not be updated": keep the existing consumer
-            await self._js.consumer_info(stream, str(config.durable_name))
-            log.warning("consumer %s kept as it is: %s", config.durable_name, exc)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop fetching, let the message in hand finish (up to ``grace`` s), then return.
@@ -220,43 +183,39 @@ class PersistenceSubscriber:
             [result] = await asyncio.gather(task, return_exceptions=True)
             if isinstance(result, Exception):
                 log.error("persistence subscriber ended with %r", result)
-        for subscription in (self._subscription, self._progress_subscription):
-            if subscription is not None:
-                with contextlib.suppress(NatsError, TimeoutError):
-                    await subscription.unsubscribe()
-        self._subscription = self._progress_subscription = None
+        for consumer in (self._consumer, self._progress_consumer):
+            if consumer is not None:
+                await consumer.close()
+        self._consumer = self._progress_consumer = None
         log.info("persistence subscriber %s stopped", consumer_name(self._settings))
 
-    async def _run(
-        self, subscription: JetStreamContext.PullSubscription, *, track_busy: bool = True
-    ) -> None:
+    async def _run(self, consumer: PullConsumer, *, track_busy: bool = True) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                messages = await subscription.fetch(1, timeout=self._fetch_timeout)
-            except (NatsTimeoutError, TimeoutError):
-                continue
+                delivery = await consumer.next(self._fetch_timeout)
             except Exception as exc:  # keep consuming whatever NATS does
-                log.warning("persistence fetch failed, retrying in %.1fs: %r", backoff, exc)
+                log.warning("persistence fetch failed, retrying in %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            for message in messages:
-                self._busy = self._busy or track_busy
-                try:
-                    await self._handle(message)
-                finally:
-                    if track_busy:
-                        self._busy = False
+            if delivery is None:
+                continue
+            self._busy = self._busy or track_busy
+            try:
+                await self._handle(delivery)
+            finally:
+                if track_busy:
+                    self._busy = False
 
-    async def _handle(self, message: Msg) -> None:
-        metadata = message.metadata
-        sequence = metadata.sequence.stream
+    async def _handle(self, message: Delivery) -> None:
+        stored = message.stored
+        sequence = stored.seq
         try:
-            event = Event.decode(message.data)
+            event = Event.decode(stored.data)
         except UnknownEventType as exc:
-            age = (self._clock() - metadata.timestamp).total_seconds()
+            age = (self._clock() - stored.time).total_seconds()
             if age < self._unknown_type_grace:
                 log.info(
                     "message %s has unknown event type %r (%.0fs old), leaving it %.1fs "
@@ -280,7 +239,7 @@ class PersistenceSubscriber:
             async with _kept_alive(message, self._settings.ack_wait / 3):
                 outcome = await self._repository.apply(event, sequence)
         except DatabaseError as exc:  # retry later, in order
-            delay = self._redelivery_delay(metadata.num_delivered)
+            delay = self._redelivery_delay(message.num_delivered)
             log.error(
                 "task %s: cannot record %s event %s (seq %s), retrying in %.1fs: %s",
                 event.task_id,
@@ -298,22 +257,23 @@ class PersistenceSubscriber:
             await self._refuse(message, _refusal(exc, event), event)
             return
         log.debug("task %s: seq %s %s -> %s", event.task_id, sequence, event.type, outcome)
-        await _settle(message.ack_sync(timeout=ACK_TIMEOUT), "ack", sequence)
+        await _settle(message.ack(), "ack", sequence)
 
-    async def _refuse(self, message: Msg, reason: str, event: Event | None = None) -> None:
+    async def _refuse(self, message: Delivery, reason: str, event: Event | None = None) -> None:
         """Record ``message`` as refused and terminate it; nak it when that record fails."""
-        sequence = message.metadata.sequence.stream
+        stored = message.stored
+        sequence = stored.seq
         log.error(
             "refusing message %s on %s: %s: %r",
             sequence,
-            message.subject,
+            stored.subject,
             reason,
-            message.data[:RAW_LOG_LIMIT],
+            stored.data[:RAW_LOG_LIMIT],
         )
         try:
-            await record_refused(self._repository, message, reason, event)
+            await record_refused(self._repository, stored, reason, event)
         except Exception as exc:
-            delay = self._redelivery_delay(message.metadata.num_delivered)
+            delay = self._redelivery_delay(message.num_delivered)
             report = log.error if isinstance(exc, DatabaseError) else log.exception
             report("cannot record refused message %s, retrying in %.1fs: %s", sequence, delay, exc)
             await _settle(message.nak(delay=delay), "nak", sequence)
@@ -334,7 +294,7 @@ async def _settle(acknowledgement: Awaitable[object], kind: str, seq: int) -> No
 
 
 @contextlib.asynccontextmanager
-async def _kept_alive(message: Msg, interval: float) -> AsyncIterator[None]:
+async def _kept_alive(message: Delivery, interval: float) -> AsyncIterator[None]:
     """While the body runs, tell JetStream every ``interval`` seconds that ``message`` is
     in progress, so a slow apply is not redelivered to another replica mid-way."""
 
@@ -344,7 +304,7 @@ async def _kept_alive(message: Msg, interval: float) -> AsyncIterator[None]:
             try:
                 await message.in_progress()
             except Exception as exc:
-                log.debug("in-progress for message %s failed: %r", message.reply, exc)
+                log.debug("in-progress for message %s failed: %r", message.stored.seq, exc)
 
     task = asyncio.create_task(keep_alive())
     try:
@@ -386,25 +346,11 @@ def _envelope(raw: bytes) -> dict[str, str]:
     return found
 
 
-def stored(message: Msg) -> ArchivedMessage:
-    """A delivered JetStream message as the stream stores it."""
-    metadata = message.metadata
-    return ArchivedMessage(
-        stream=metadata.stream,
-        seq=metadata.sequence.stream,
-        subject=message.subject,
-        time=metadata.timestamp,
-        msg_id=(message.headers or {}).get("Nats-Msg-Id", ""),
-        data=message.data,
-    )
-
-
 async def record_refused(
-    sink: EventSink, message: Msg | ArchivedMessage, reason: str, event: Event | None = None
+    sink: EventSink, kept: StoredMessage, reason: str, event: Event | None = None
 ) -> bool:
-    """Record ``message`` as refused in ``sink``; its ids come from ``event`` when it was
+    """Record ``kept`` as refused in ``sink``; its ids come from ``event`` when it was
     decoded, else from whatever envelope the raw bytes hold. Raises as ``sink`` does."""
-    kept = message if isinstance(message, ArchivedMessage) else stored(message)
     if event is not None:
         ids = {"event_id": event.event_id, "task_id": event.task_id, "type": str(event.type)}
     else:
@@ -422,48 +368,6 @@ async def record_refused(
     )
 
 
-async def read_stream(
-    js: JetStreamContext,
-    stream: str,
-    subject: str,
-    idle_timeout: float = 10.0,
-    *,
-    start_seq: int = 1,
-) -> AsyncGenerator[ArchivedMessage, None]:
-    """Every message on ``subject`` in ``stream`` from ``start_seq``, in order, with an
-    ephemeral ordered consumer (no durable state on the server), until caught up.
-    Raises BusError."""
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    if start_seq > 1:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq
-        )
-    try:
-        subscription = await js.subscribe(
-            subject, stream=stream, ordered_consumer=True, config=config
-        )
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot read stream {stream}: {exc}") from exc
-    try:
-        try:
-            info = await subscription.consumer_info()
-        except (NatsError, TimeoutError) as exc:
-            raise BusError(f"cannot read stream {stream}: {exc}") from exc
-        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-            return
-        while True:
-            try:
-                message = await subscription.next_msg(timeout=idle_timeout)
-            except (NatsError, TimeoutError) as exc:
-                raise BusError(f"stream {stream} went quiet mid-replay: {exc!r}") from exc
-            yield stored(message)
-            if not message.metadata.num_pending:
-                return
-    finally:
-        with contextlib.suppress(NatsError, TimeoutError):
-            await subscription.unsubscribe()
-
-
 class Rebuild:
     """Applies stored messages to an (empty) database in order, as the live subscriber
     would, and counts what it did (``dcu replay``)."""
@@ -473,7 +377,7 @@ class Rebuild:
         self.applied = self.refused = self.progress = 0
         self.tasks: set[str] = set()
 
-    async def apply(self, message: ArchivedMessage) -> None:
+    async def apply(self, message: StoredMessage) -> None:
         """Raises DatabaseError when the database fails; everything else is refused."""
         event: Event | None = None
         try:
@@ -494,7 +398,7 @@ class Rebuild:
         if event.type is EventType.REQUESTED and outcome is ApplyOutcome.APPLIED:
             self.tasks.add(event.task_id)
 
-    async def apply_all(self, messages: AsyncIterator[ArchivedMessage]) -> None:
+    async def apply_all(self, messages: AsyncIterator[StoredMessage]) -> None:
         async for message in messages:
             await self.apply(message)
 
@@ -508,8 +412,7 @@ class Rebuild:
 
 
 async def rebuild_from_stream(
-    js: JetStreamContext,
-    settings: NatsSettings,
+    bus: Bus,
     repository: EventSink,
     *,
     idle_timeout: float = 10.0,
@@ -525,21 +428,16 @@ async def rebuild_from_stream(
     replica to wait for). Raises BusError when JetStream cannot be read or goes quiet for
     ``idle_timeout`` seconds before the end, and DatabaseError when the database fails.
     """
+    settings = bus.settings
     rebuild = rebuild or Rebuild(repository)
-    facts = read_stream(
-        js,
-        settings.audit_stream,
-        subjects.every_task(prefix=settings.subject_prefix),
-        idle_timeout,
-        start_seq=start_seq,
+    feeds = (
+        (settings.audit_stream, subjects.every_task(prefix=settings.subject_prefix), start_seq),
+        (settings.progress_stream, subjects.every_progress(settings.subject_prefix), 1),
     )
-    async with contextlib.aclosing(facts):
-        await rebuild.apply_all(facts)
-    progress = read_stream(
-        js, settings.progress_stream, subjects.every_progress(settings.subject_prefix), idle_timeout
-    )
-    async with contextlib.aclosing(progress):
-        await rebuild.apply_all(progress)
+    for stream, subject, first in feeds:
+        messages = bus.read(stream, subject, start_seq=first, idle_timeout=idle_timeout)
+        async with contextlib.aclosing(messages):
+            await rebuild.apply_all(messages)
     counts = rebuild.counts()
     log.info(
         "replay of stream %s: applied %s events, refused %s, tasks rebuilt %s, progress %s",

@@ -15,14 +15,13 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+import bus
 from actors.archiver import AuditArchiver, list_segments
 from actors.object_store import ObjectStore, S3ObjectStore
-from dcu import bus
 from dcu.replay import ReplayRefused, replay
 from dcu.settings import ArchiveSettings, MinioSettings, NatsSettings, Settings
-from events import audit_archive
+from events import audit_archive, subjects
 from events.cleanup import CleanupEventType, CleanupKind
-from events.cleanup import subject as cleanup_subject
 from events.schema import Progress
 from persistence.database import Database
 from persistence.repository import TaskRepository
@@ -79,13 +78,12 @@ async def deletable_streams(client: Client, settings: Settings) -> None:
 
 
 async def publish_tasks(client: Client, settings: Settings, count: int) -> list[Timeline]:
-    js = client.jetstream()
     timelines = [Timeline() for _ in range(count)]
     for timeline in timelines:
         for event in timeline.happy_path():
-            await bus.publish(js, event, settings.nats.subject_prefix)
+            await bus.Bus(client, settings.nats).publish(event)
         progress = timeline.event(Progress(stage="upload", bytes_done=7, bytes_total=7))
-        await bus.publish(js, progress, settings.nats.subject_prefix)
+        await bus.Bus(client, settings.nats).publish(progress)
     return timelines
 
 
@@ -113,11 +111,11 @@ async def test_segments_are_written_in_order_and_chained(
 ) -> None:
     await bus.ensure_streams(client.jetstream(), settings.nats)
     await publish_tasks(client, settings, 1)  # FACTS facts, then a cleanup fact
-    cleanup = cleanup_subject(
+    cleanup = subjects.cleanup(
         CleanupKind.GZIP, CleanupEventType.REQUESTED, settings.nats.subject_prefix
     )
     await client.jetstream().publish(cleanup, b'{"x":1}', headers={"Nats-Msg-Id": "c1"})
-    archiver = AuditArchiver(settings, client.jetstream(), store)
+    archiver = AuditArchiver(settings, bus.Bus(client, settings.nats), store)
 
     written = await archiver.archive_once()
 
@@ -152,7 +150,7 @@ async def test_replay_from_the_archive_rebuilds_what_the_stream_forgot(
     live = f"sqlite://{tmp_path / 'live.db'}"
     await replay(settings, nats_server.url, live)  # the database as it is with every fact
     # Given: the first facts are archived, later ones only in the stream
-    await AuditArchiver(settings, client.jetstream(), store).archive_once()
+    await AuditArchiver(settings, bus.Bus(client, settings.nats), store).archive_once()
     await publish_tasks(client, settings, 1)
     await replay(settings, nats_server.url, live)
     # When: the stream forgets its head (the first 12 facts)
@@ -182,7 +180,7 @@ async def test_a_damaged_archive_is_refused(
 ) -> None:
     await bus.ensure_streams(client.jetstream(), settings.nats)
     await publish_tasks(client, settings, 2)
-    written = await AuditArchiver(settings, client.jetstream(), store).archive_once()
+    written = await AuditArchiver(settings, bus.Bus(client, settings.nats), store).archive_once()
     middle = written[1]
     if damage == "edited":
         info = await store.stat(middle)

@@ -25,7 +25,7 @@ from actors import stages
 from actors.object_store import S3ObjectStore
 from actors.pipeline import Runtime
 from actors.registry_engine import RegistryEngine
-from dcu import bus
+from bus import Bus
 from dcu.errors import BusError
 from dcu.settings import Settings, load_settings
 from events import naming, subjects
@@ -339,7 +339,7 @@ async def test_a_failed_task_on_a_real_stream_is_not_compressed(
     js = nc.jetstream()
     runtime = Runtime(settings, nats_server.url, "stage-tests")
     try:
-        await bus.ensure_streams(js, settings.nats)
+        await Bus(nc, settings.nats).ensure_streams()
         task_id = str(uuid.uuid4())
         await runtime.publish(
             Event(

@@ -17,13 +17,12 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 
-from dcu import bus
+import bus
 from dcu.migrate import migrate_streams
 from dcu.replay import ReplayRefused, replay
 from dcu.settings import NatsSettings, Settings
 from events import subjects
 from events.cleanup import CleanupEventType, CleanupKind
-from events.cleanup import subject as cleanup_subject
 from events.schema import Event, Progress
 from persistence.database import Database
 from persistence.repository import TaskRepository
@@ -53,7 +52,8 @@ async def client(nats_server: NatsServer, settings: Settings) -> AsyncIterator[C
 
 
 async def publish(js: JetStreamContext, event: Event, prefix: str) -> None:
-    await bus.publish(js, event, prefix)
+    subject = subjects.for_event(event, prefix)
+    await js.publish(subject, event.encode(), headers={"Nats-Msg-Id": event.event_id})
 
 
 async def test_setup_creates_three_streams_each_configured_for_its_purpose(
@@ -210,7 +210,7 @@ async def test_migration_moves_the_facts_of_the_single_stream_in_order(
             progress = timeline.event(Progress(stage="download", bytes_done=5))
             old = f"{prefix}.task.{event.task_id}.progress"
             await js.publish(old, progress.encode(), headers={"Nats-Msg-Id": progress.event_id})
-    cleanup = cleanup_subject(CleanupKind.GZIP, CleanupEventType.REQUESTED, prefix)
+    cleanup = subjects.cleanup(CleanupKind.GZIP, CleanupEventType.REQUESTED, prefix)
     await js.publish(cleanup, b'{"kind":"gzip"}', headers={"Nats-Msg-Id": "cleanup-1"})
     published.append((cleanup, "cleanup-1"))
     await js.publish(f"{prefix}.queue.download", b"{}", headers={"Nats-Msg-Id": "q-1"})

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from pydantic import SecretStr
 
 from actors.object_store import ObjectStore, open_store
-from dcu import bus
+from bus import Bus as NatsBus
 from dcu.settings import MinioSettings, NatsSettings, Settings, StorageSettings
 from tests.servers.nats import NatsServer
 from tests.servers.s3 import S3Server
@@ -89,7 +89,7 @@ async def event_bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        await bus.ensure_streams(js, settings)
+        await NatsBus(nc, settings).ensure_streams()
         yield Bus(url=nats_server.url, settings=settings)
         for stream in (settings.audit_stream, settings.progress_stream, settings.work_stream):
             await js.delete_stream(stream)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from events import naming
+from events import naming, subjects
 from events.cleanup import (
     CleanupCompleted,
     CleanupEvent,
@@ -18,10 +18,8 @@ from events.cleanup import (
     CleanupResult,
     Reason,
     admin_request,
-    all_cleanup,
     check_cron,
     completion_id,
-    every_kind,
     is_dcu_object,
     is_task_id,
     next_tick,
@@ -29,7 +27,6 @@ from events.cleanup import (
     parse_kind,
     scheduled_request,
     select_expired,
-    subject,
     tick_msg_id,
 )
 from events.schema import DecodeError
@@ -178,11 +175,13 @@ class TestNames:
             parse_kind("minio")
         with pytest.raises(ValueError, match="expected one of"):
             parse_kind(["gzip"])
-        assert subject(CleanupKind.GZIP, CleanupEventType.REQUESTED, "x") == (
+        assert subjects.cleanup(CleanupKind.GZIP, CleanupEventType.REQUESTED, "x") == (
             "x.cleanup.gzip.requested"
         )
-        assert every_kind(CleanupEventType.COMPLETED, "x") == "x.cleanup.*.completed"
-        assert all_cleanup("x") == "x.cleanup.>"
+        assert (
+            subjects.every_cleanup_kind(CleanupEventType.COMPLETED, "x") == "x.cleanup.*.completed"
+        )
+        assert subjects.all_cleanup("x") == "x.cleanup.>"
 
 
 class TestEvents:
@@ -205,7 +204,7 @@ class TestEvents:
         assert CleanupEvent.decode(event.encode()) == event
         assert event.msg_id == "cleanup-gzip-2026-03-11T00:00:00.000000Z"
         assert event.msg_id == tick_msg_id(CleanupKind.GZIP, tick)
-        assert event.subject("p") == "p.cleanup.gzip.requested"
+        assert subjects.for_cleanup(event, "p") == "p.cleanup.gzip.requested"
 
     def test_replicas_build_the_same_ids_for_one_tick(self) -> None:
         tick = datetime(2026, 3, 11, tzinfo=UTC)

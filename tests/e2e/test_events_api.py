@@ -20,10 +20,11 @@ import nats
 import pytest
 from aiohttp import web
 
+from bus import Bus
 from dcu.settings import NatsSettings, Settings
 from events.schema import DownloadStarted, Event, Failed, Progress
 from gateway import events_api
-from gateway.keys import API, JETSTREAM, NATS, SETTINGS
+from gateway.keys import API, BUS, SETTINGS
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import STAGE_EVENTS
 from tests.servers.base import free_port
@@ -233,7 +234,12 @@ async def test_task_stream_merges_history_and_live_events(gateway_only: DcuProce
 
         async def publish(event: Event | bytes, subject_type: str, msg_id: str) -> None:
             data = event if isinstance(event, bytes) else event.encode()
-            subject = f"{nats_config['subject_prefix']}.task.{task_id}.{subject_type}"
+            prefix = nats_config["subject_prefix"]
+            subject = (
+                f"{prefix}.progress.{task_id}"
+                if subject_type == "progress"
+                else f"{prefix}.task.{task_id}.{subject_type}"
+            )
             await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
 
         async with aiohttp.ClientSession(timeout=SSE_TIMEOUT) as session:
@@ -378,7 +384,7 @@ async def test_a_quiet_stream_sends_keep_alive_comments(
     settings = Settings(nats=NatsSettings(stream=f"E2E_{tag}", subject_prefix=f"e2e{tag}"))
     nc = await nats.connect(nats_server.url)
     app = web.Application()
-    app[SETTINGS], app[NATS], app[JETSTREAM] = settings, nc, nc.jetstream()
+    app[SETTINGS], app[BUS] = settings, Bus(nc, settings.nats)
     events_api.setup(app)
     runner = web.AppRunner(app)
     await runner.setup()

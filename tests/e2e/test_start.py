@@ -23,12 +23,12 @@ import nats.errors
 import pytest
 from nats.js.api import StreamConfig
 
-from dcu import bus
+from bus import Bus, Published
 from dcu.errors import BusError
 from dcu.settings import NatsSettings, Settings
 from events.schema import Event, EventType, Requested, once_per_task_id
 from gateway import start
-from gateway.keys import JETSTREAM, SETTINGS
+from gateway.keys import BUS, SETTINGS
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import TIME_RE, service_transitions
 from tests.servers.dcu_process import DcuProcess
@@ -382,7 +382,7 @@ async def publishing_app(nats_server: NatsServer) -> Any:
     await js.add_stream(StreamConfig(name=stream, subjects=[f"pub{tag}.>"]))
     app = web.Application()
     app[SETTINGS] = settings
-    app[JETSTREAM] = js
+    app[BUS] = Bus(nc, settings.nats)
     try:
         yield app, stream
     finally:
@@ -399,17 +399,17 @@ async def test_a_publish_whose_ack_is_lost_is_retried_and_stored_once(
     publishing_app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a stream that stores the first attempt but whose ack never reaches the gateway
-    real = bus.publish_raw
+    real = Bus.publish
     msg_ids: list[str] = []
 
-    async def ack_lost_once(js: Any, subject: str, data: bytes, msg_id: str) -> bus.Published:
-        msg_ids.append(msg_id)
-        published = await real(js, subject, data, msg_id)
+    async def ack_lost_once(self: Bus, event: Event) -> Published:
+        msg_ids.append(event.event_id)
+        published = await real(self, event)
         if len(msg_ids) == 1:
-            raise BusError(f"cannot publish on {subject}: timeout")
+            raise BusError("cannot publish: timeout")
         return published
 
-    monkeypatch.setattr(bus, "publish_raw", ack_lost_once)
+    monkeypatch.setattr(Bus, "publish", ack_lost_once)
     monkeypatch.setattr(start, "PUBLISH_BACKOFF", 0.0)
     app, stream = publishing_app
     event = _event()
@@ -420,7 +420,7 @@ async def test_a_publish_whose_ack_is_lost_is_retried_and_stored_once(
     # Then it tried again with the same Nats-Msg-Id, which JetStream recognised
     assert msg_ids == [event.event_id, event.event_id]
     assert duplicate is True
-    assert (await app[JETSTREAM].stream_info(stream)).state.messages == 1
+    assert (await app[BUS].js.stream_info(stream)).state.messages == 1
 
 
 async def test_a_publish_never_acknowledged_gives_up_after_the_attempts(
@@ -428,11 +428,11 @@ async def test_a_publish_never_acknowledged_gives_up_after_the_attempts(
 ) -> None:
     attempts: list[str] = []
 
-    async def never(js: Any, subject: str, data: bytes, msg_id: str) -> bus.Published:
-        attempts.append(msg_id)
-        raise BusError(f"cannot publish on {subject}: timeout")
+    async def never(self: Bus, event: Event) -> Published:
+        attempts.append(event.event_id)
+        raise BusError("cannot publish: timeout")
 
-    monkeypatch.setattr(bus, "publish_raw", never)
+    monkeypatch.setattr(Bus, "publish", never)
     monkeypatch.setattr(start, "PUBLISH_BACKOFF", 0.0)
     event = _event()
 

@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from dcu import bus
+from bus import Bus
 from dcu.settings import NatsSettings
 from events.schema import (
     Compressed,
@@ -243,20 +243,24 @@ def nats_settings(private_nats: NatsServer) -> NatsSettings:
 
 
 @pytest.fixture
-async def nats_client(
-    private_nats: NatsServer, nats_settings: NatsSettings
-) -> AsyncIterator[Client]:
-    client = await bus.connect(private_nats.url, nats_settings, "persistence-tests")
+async def event_bus(private_nats: NatsServer, nats_settings: NatsSettings) -> AsyncIterator[Bus]:
+    """The test's NATS connection with the streams set up (``Bus``, as the roles have)."""
+    connection = await Bus.connect(private_nats.url, nats_settings, "persistence-tests")
     try:
-        await bus.ensure_streams(client.jetstream(), nats_settings)
-        yield client
+        await connection.ensure_streams()
+        yield connection
     finally:
-        await client.close()
+        await connection.close()
 
 
 @pytest.fixture
-def js(nats_client: Client) -> JetStreamContext:
-    return nats_client.jetstream()
+def nats_client(event_bus: Bus) -> Client:
+    return event_bus.nc
+
+
+@pytest.fixture
+def js(event_bus: Bus) -> JetStreamContext:
+    return event_bus.js
 
 
 async def eventually(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
-from dcu import bus
+from bus import Bus
 from dcu.errors import BusError, NotFound
 from dcu.settings import NatsSettings
 from events import subjects
@@ -35,15 +35,13 @@ SubscriberFactory = Callable[..., Awaitable[PersistenceSubscriber]]
 
 
 @pytest.fixture
-async def start_subscriber(
-    js: JetStreamContext, nats_settings: NatsSettings
-) -> AsyncIterator[SubscriberFactory]:
+async def start_subscriber(event_bus: Bus) -> AsyncIterator[SubscriberFactory]:
     """Starts subscribers (quick fetch timeout) and stops every one after the test."""
     started: list[PersistenceSubscriber] = []
 
     async def start(sink: object, **options: float) -> PersistenceSubscriber:
         options.setdefault("fetch_timeout", 1.0)
-        subscriber = PersistenceSubscriber(js, nats_settings, sink, **options)  # type: ignore[arg-type]
+        subscriber = PersistenceSubscriber(event_bus, sink, **options)  # type: ignore[arg-type]
         await subscriber.start()
         started.append(subscriber)
         return subscriber
@@ -58,7 +56,17 @@ async def start_subscriber(
 async def publish_all(
     js: JetStreamContext, settings: NatsSettings, events: list[Event]
 ) -> list[int]:
-    return [await bus.publish(js, event, settings.subject_prefix) for event in events]
+    prefix = settings.subject_prefix
+    return [
+        (
+            await js.publish(
+                subjects.for_event(event, prefix),
+                event.encode(),
+                headers={"Nats-Msg-Id": event.event_id},
+            )
+        ).seq
+        for event in events
+    ]
 
 
 async def drained(js: JetStreamContext, settings: NatsSettings) -> bool:
@@ -250,6 +258,7 @@ async def test_an_unknown_type_within_its_grace_stays_pending(
 async def test_events_keep_landing_across_a_nats_restart(
     js: JetStreamContext,
     nats_settings: NatsSettings,
+    event_bus: Bus,
     private_nats: NatsServer,
     repository: TaskRepository,
     start_subscriber: SubscriberFactory,
@@ -270,7 +279,7 @@ async def test_events_keep_landing_across_a_nats_restart(
     for event in events[3:]:
         while True:
             try:
-                await bus.publish(js, event, nats_settings.subject_prefix)
+                await event_bus.publish(event)
                 break
             except BusError:
                 if time.monotonic() > deadline:
@@ -382,13 +391,13 @@ class SlowSink:
 
 
 async def test_a_slow_apply_is_kept_alive_not_redelivered_to_another_replica(
-    js: JetStreamContext, nats_settings: NatsSettings
+    js: JetStreamContext, nats_settings: NatsSettings, event_bus: Bus
 ) -> None:
     # Given two replicas sharing the durable consumer, with a 1 s ack wait
     settings = nats_settings.model_copy(update={"ack_wait": 1.0})
     sink = SlowSink(hold=2.5)
     replicas = [
-        PersistenceSubscriber(js, settings, sink, fetch_timeout=0.5)  # type: ignore[arg-type]
+        PersistenceSubscriber(Bus(event_bus.nc, settings), sink, fetch_timeout=0.5)  # type: ignore[arg-type]
         for _ in range(2)
     ]
     for replica in replicas:
@@ -424,6 +433,7 @@ async def test_stop_returns_promptly_while_waiting_for_messages(
 async def test_rebuild_from_the_stream_reproduces_every_row(
     js: JetStreamContext,
     nats_settings: NatsSettings,
+    event_bus: Bus,
     open_database: Callable[[], Awaitable[Database]],
     start_subscriber: SubscriberFactory,
 ) -> None:
@@ -456,7 +466,7 @@ async def test_rebuild_from_the_stream_reproduces_every_row(
 
     # When the stream is replayed into an empty database
     rebuilt = await open_database()
-    counts = await rebuild_from_stream(js, nats_settings, TaskRepository(rebuilt))
+    counts = await rebuild_from_stream(event_bus, TaskRepository(rebuilt))
 
     # Then every table matches the live one field by field (ids aside), refusals included
     assert counts == ReplayCounts(applied=14, refused=2, tasks=3, progress=2)
@@ -474,13 +484,13 @@ async def test_rebuild_from_the_stream_reproduces_every_row(
 
 
 async def test_rebuild_of_a_stream_without_task_events_applies_nothing(
-    js: JetStreamContext, nats_settings: NatsSettings, repository: TaskRepository
+    js: JetStreamContext, nats_settings: NatsSettings, event_bus: Bus, repository: TaskRepository
 ) -> None:
     nothing = ReplayCounts(applied=0, refused=0, tasks=0)
-    assert await rebuild_from_stream(js, nats_settings, repository) == nothing
+    assert await rebuild_from_stream(event_bus, repository) == nothing
     await js.publish(f"{nats_settings.subject_prefix}.cleanup.gzip.started", b"{}")
 
-    assert await rebuild_from_stream(js, nats_settings, repository) == nothing
+    assert await rebuild_from_stream(event_bus, repository) == nothing
     total, _ = await repository.query(page=1, page_size=10)
     assert total == 0
 

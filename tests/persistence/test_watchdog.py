@@ -12,7 +12,7 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
-from dcu import bus
+from bus import Bus
 from dcu.settings import NatsSettings
 from events import subjects
 from events.schema import (
@@ -191,26 +191,26 @@ async def test_last_task_event_is_the_latest_event_of_the_task_in_the_streams(
         return (await js.get_msg(ack.stream, ack.seq)).time
 
     try:
-        await bus.ensure_streams(js, settings)
+        await Bus(nc, settings).ensure_streams()
         timeline, other = Timeline(str(uuid.uuid4())), Timeline(str(uuid.uuid4()))
         await publish(timeline.requested())
         await publish(timeline.progress(10))
         started = await publish(timeline.event(DownloadStarted(worker="w1")))
         await publish(other.requested())
         # When the task's latest event is looked up
-        last = await last_task_event(js, settings, timeline.task_id)
+        last = await last_task_event(Bus(nc, settings), timeline.task_id)
         # Then it is the later of its facts and reports, dated by its stream
         assert last == StreamEvent("download_started", started)
         assert last is not None and last.time.tzinfo is not None
         # and a progress report after it is later still
         reported = await publish(timeline.progress(20))
-        assert await last_task_event(js, settings, timeline.task_id) == StreamEvent(
+        assert await last_task_event(Bus(nc, settings), timeline.task_id) == StreamEvent(
             "progress", reported
         )
         # and a task the streams hold nothing of has none
-        assert await last_task_event(js, settings, str(uuid.uuid4())) is None
+        assert await last_task_event(Bus(nc, settings), str(uuid.uuid4())) is None
         # nor does an id that is not one subject token (it would match other tasks)
-        assert await last_task_event(js, settings, "*") is None
+        assert await last_task_event(Bus(nc, settings), "*") is None
     finally:
         for info in await js.streams_info():
             if info.config.name and info.config.name.startswith(settings.stream):

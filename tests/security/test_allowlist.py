@@ -8,7 +8,8 @@ import uuid
 import nats
 import pytest
 
-from dcu import bus
+from bus import Bus
+from dcu.settings import NatsSettings
 from events.reference import parse_reference, registry_refusal
 from events.schema import Event, Requested
 from tests.e2e.helpers import stream_events
@@ -68,7 +69,7 @@ def test_the_gateway_takes_allowed_registries(auth_gateway: DcuProcess) -> None:
 async def _publish(url: str, prefix: str, event: Event) -> None:
     nc = await nats.connect(url)
     try:
-        await bus.publish(nc.jetstream(), event, prefix)
+        await Bus(nc, NatsSettings(subject_prefix=prefix)).publish(event)
     finally:
         await nc.close()
 

@@ -1,11 +1,9 @@
-"""The NATS edge: connecting with the configured credentials, the streams, publishing.
-
-Three streams, each configured for its purpose (docs/events.md):
+"""The streams: three, each configured for its purpose (docs/events.md).
 
 * ``<stream>_AUDIT``: the task and cleanup facts (``<prefix>.task.>``,
   ``<prefix>.cleanup.>``). Limits retention without an age limit, deny delete and purge,
-  and a size limit with *discard new*: a full audit log refuses new work loudly rather
-  than forgetting old facts. ``dcu replay`` rebuilds the database from it.
+  and *discard new*: a full audit log refuses new work loudly rather than forgetting old
+  facts. ``dcu replay`` rebuilds the database from it.
 * ``<stream>_PROGRESS``: ``<prefix>.progress.<task>``, only the latest report per task
   (``max_msgs_per_subject=1``) for ``progress_max_age``.
 * ``<stream>_WORK``: the queues and dead letters (``<prefix>.queue.>``,
@@ -19,65 +17,22 @@ overwriting it (``dcu setup --apply`` applies them).
 from __future__ import annotations
 
 import logging
-import ssl
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import nats
 from nats.aio.client import Client
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from dcu.errors import BusError
+from bus.errors import LegacyStream, translating
 from dcu.settings import NatsSettings
-from events import cleanup as cleanup_subjects
 from events import subjects
-from events.schema import Event, EventType
 
 log = logging.getLogger(__name__)
 
 # JetStream's de-duplication window: a re-published event id within it is dropped.
 DUPLICATE_WINDOW = 120.0
-
-
-def connect_options(settings: NatsSettings) -> dict[str, Any]:
-    """Keyword arguments for ``nats.connect`` from settings; never logged (secrets)."""
-    options: dict[str, Any] = {
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-        "connect_timeout": 5,
-    }
-    if settings.user:
-        options["user"] = settings.user
-        options["password"] = settings.password.get_secret_value()
-    if settings.token.get_secret_value():
-        options["token"] = settings.token.get_secret_value()
-    if settings.creds_file:
-        options["user_credentials"] = settings.creds_file
-    if settings.tls_ca_file:
-        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca_file)
-    return options
-
-
-def servers(url: str) -> list[str]:
-    """``nats.url`` may list several servers of one cluster, separated by commas."""
-    return [part.strip() for part in url.split(",") if part.strip()]
-
-
-async def connect(url: str, settings: NatsSettings, name: str) -> Client:
-    """Connect to NATS; raises BusError (without the credentials) when it cannot."""
-
-    async def _log_error(exc: Exception) -> None:
-        log.warning("nats connection %s: %s", name, exc)
-
-    try:
-        return await nats.connect(
-            servers(url), name=name, error_cb=_log_error, **connect_options(settings)
-        )
-    except (OSError, NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot connect to NATS at {url}: {exc}") from exc
 
 
 def _limit(value: float) -> float | None:
@@ -96,7 +51,7 @@ def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
         StreamConfig(
             name=settings.audit_stream,
             description="DCU audit log: every task and cleanup fact",
-            subjects=[subjects.every_task(prefix=prefix), cleanup_subjects.all_cleanup(prefix)],
+            subjects=[subjects.every_task(prefix=prefix), subjects.all_cleanup(prefix)],
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.NEW,
             max_age=_limit(settings.audit_max_age),
@@ -166,10 +121,6 @@ def differences(wanted: StreamConfig, actual: StreamConfig) -> list[str]:
     return found
 
 
-class LegacyStream(BusError):
-    """The single stream of earlier versions still holds the subjects."""
-
-
 def cluster_size(nc: Client) -> int:
     """How many servers the connected server's cluster has (itself and the peers whose
     client URLs it advertises); 1 for a single server."""
@@ -194,7 +145,7 @@ async def ensure_streams(
     facts must be moved with ``dcu migrate-streams`` first. BusError when JetStream
     cannot be reached or refuses a configuration.
     """
-    try:
+    async with translating("cannot set up the streams"):
         await _refuse_legacy(js, settings)
         found: dict[str, list[str]] = {}
         wanted_configs = stream_configs(settings)
@@ -225,8 +176,6 @@ async def ensure_streams(
                 await js.update_stream(wanted)
                 log.warning("stream %s updated to the settings", wanted.name)
         return found
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot set up the streams: {exc}") from exc
 
 
 async def _refuse_legacy(js: JetStreamContext, settings: NatsSettings) -> None:
@@ -240,56 +189,3 @@ async def _refuse_legacy(js: JetStreamContext, settings: NatsSettings) -> None:
             f"{subjects.all_events(settings.subject_prefix)}; run `dcu migrate-streams` to "
             "move its facts into the audit stream before starting this version"
         )
-
-
-async def publish(js: JetStreamContext, event: Event, prefix: str) -> int:
-    """Publish ``event`` and wait for JetStream's acknowledgement; returns the sequence.
-
-    The event id is the ``Nats-Msg-Id``, so publishing the same event twice stores it once.
-    Raises BusError when the stream does not acknowledge.
-    """
-    subject = subjects.for_event(event, prefix)
-    try:
-        ack = await js.publish(
-            subject, event.encode(), headers={"Nats-Msg-Id": event.event_id}, timeout=10
-        )
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot publish {event.type} for task {event.task_id}: {exc}") from exc
-    return int(ack.seq)
-
-
-async def last_task_event(
-    js: JetStreamContext, settings: NatsSettings, task_id: str, event_type: EventType
-) -> Event | None:
-    """The task's latest ``event_type`` event in the stream (a direct last-by-subject
-    lookup, no consumer), None when it has none. Raises BusError when the stream cannot
-    be read; DecodeError when the stored bytes are not an event."""
-    subject = subjects.task_event(task_id, event_type, settings.subject_prefix)
-    try:
-        stream = (
-            settings.progress_stream if event_type is EventType.PROGRESS else settings.audit_stream
-        )
-        message = await js.get_last_msg(stream, subject)
-    except NotFoundError:
-        return None
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot look up {subject}: {exc}") from exc
-    return Event.decode(message.data or b"")
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    seq: int
-    duplicate: bool  # JetStream already held this Nats-Msg-Id (within DUPLICATE_WINDOW)
-
-
-async def publish_raw(js: JetStreamContext, subject: str, data: bytes, msg_id: str) -> Published:
-    """Publish ``data`` on ``subject`` with ``Nats-Msg-Id`` ``msg_id`` and wait for the ack.
-
-    Raises BusError when the stream does not acknowledge.
-    """
-    try:
-        ack = await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=10)
-    except (NatsError, TimeoutError) as exc:
-        raise BusError(f"cannot publish on {subject}: {exc}") from exc
-    return Published(seq=int(ack.seq), duplicate=bool(ack.duplicate))
