@@ -226,13 +226,17 @@ def tiny_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("engine", ["registry", "docker"])
 @pytest.mark.parametrize("where", ["work_path", "gzip_path"])
 def test_disk_full_fails_with_a_clear_reason(
-    where, cluster_factory, pushed_images, tiny_disk
+    where, engine, cluster_factory, pushed_images, tiny_disk
 ) -> None:
     # Given the work (or archive) directory on a 40 MB file system, and a 300 MB image
+    # (downloaded by either engine: the docker engine's export once hung here under load)
     cluster = cluster_factory(
-        storage={where: str(tiny_disk)}, workers={"max_retries": 1}
+        storage={where: str(tiny_disk)},
+        workers={"max_retries": 1},
+        download={"engine": engine},
     ).start_all()
     task_id = cluster.run_task(pushed_images["large"].reference)
     data = cluster.gateway.wait_terminal(task_id, timeout=240)
