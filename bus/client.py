@@ -23,7 +23,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from bus import streams
@@ -95,6 +95,20 @@ def stored(message: Msg) -> StoredMessage:
         time=metadata.timestamp,
         msg_id=(message.headers or {}).get(MSG_ID, ""),
         data=message.data,
+    )
+
+
+def _from_raw(stream: str, raw: RawStreamMsg, what: str) -> StoredMessage:
+    """A message a direct get returned; raises BusError when it came without its time."""
+    if raw.time is None:
+        raise BusError(f"the stream answered {what} without a time")
+    return StoredMessage(
+        stream=stream,
+        seq=int(raw.seq or 0),
+        subject=str(raw.subject),
+        time=raw.time,
+        msg_id=(raw.headers or {}).get(MSG_ID, ""),
+        data=raw.data or b"",
     )
 
 
@@ -255,16 +269,7 @@ class Bus:
                 raw = await self.js.get_last_msg(stream, subject)
             except NotFoundError:
                 return None
-        if raw.time is None:
-            raise BusError(f"the stream answered {subject} without a time")
-        return StoredMessage(
-            stream=stream,
-            seq=int(raw.seq or 0),
-            subject=str(raw.subject),
-            time=raw.time,
-            msg_id=(raw.headers or {}).get(MSG_ID, ""),
-            data=raw.data or b"",
-        )
+        return _from_raw(stream, raw, subject)
 
     def _stream_of(self, event_type: EventType) -> str:
         if event_type is EventType.PROGRESS:
@@ -322,16 +327,7 @@ class Bus:
                 raw = await self.js.get_msg(stream, seq)
             except NotFoundError:
                 return None
-        if raw.time is None:
-            raise BusError(f"message {seq} of {stream} came without its time")
-        return StoredMessage(
-            stream=stream,
-            seq=seq,
-            subject=str(raw.subject),
-            time=raw.time,
-            msg_id=(raw.headers or {}).get(MSG_ID, ""),
-            data=raw.data or b"",
-        )
+        return _from_raw(stream, raw, f"message {seq} of {stream}")
 
     async def stream_state(self, stream: str) -> tuple[int, int, int]:
         """``(first sequence, last sequence, messages)`` of ``stream``."""

@@ -8,9 +8,12 @@ ends. A server that cannot start fails the test; nothing is ever skipped.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import nats
 import pytest
+from nats.aio.client import Client
 
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.images import PushedImages
@@ -89,3 +92,18 @@ def pushed_images(
         yield PushedImages(docker_engine, registry, contexts)
     finally:
         shutil.rmtree(contexts, ignore_errors=True)
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer, settings: Any) -> AsyncIterator[Client]:
+    """A plain NATS connection to the session's server for a module whose ``settings``
+    fixture (a ``dcu.settings.Settings``) names its streams; deletes them afterwards."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        yield nc
+    finally:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if str(info.config.name).startswith(settings.nats.stream):
+                await js.delete_stream(str(info.config.name))
+        await nc.close()

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -44,19 +43,6 @@ def settings(nats_server: NatsServer, s3_server: Any) -> Settings:
         ),
         archive=ArchiveSettings(segment_max_events=4),
     )
-
-
-@pytest.fixture
-async def client(nats_server: NatsServer, settings: Settings) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_server.url)
-    try:
-        yield nc
-    finally:
-        js = nc.jetstream()
-        for info in await js.streams_info():
-            if str(info.config.name).startswith(settings.nats.stream):
-                await js.delete_stream(str(info.config.name))
-        await nc.close()
 
 
 @pytest.fixture

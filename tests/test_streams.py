@@ -7,11 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -36,19 +34,6 @@ def settings(nats_server: NatsServer) -> Settings:
     return Settings(
         nats=NatsSettings(url=nats_server.url, stream=f"S{tag}", subject_prefix=f"s{tag}")
     )
-
-
-@pytest.fixture
-async def client(nats_server: NatsServer, settings: Settings) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_server.url)
-    try:
-        yield nc
-    finally:
-        js = nc.jetstream()
-        for info in await js.streams_info():
-            if str(info.config.name).startswith(settings.nats.stream):
-                await js.delete_stream(str(info.config.name))
-        await nc.close()
 
 
 async def publish(js: JetStreamContext, event: Event, prefix: str) -> None:
