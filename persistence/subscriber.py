@@ -227,8 +227,15 @@ class PersistenceSubscriber:
                 )
                 await _settle(message.nak(delay=self._unknown_retry_delay), "nak", sequence)
                 return
-            reason = f"{_refusal(exc)} after {self._unknown_type_grace:g}s"
-            await self._refuse(message, reason)
+            # The same reason a replay records (it refuses at once), so the rows agree;
+            # the grace goes to the log.
+            log.warning(
+                "message %s: unknown event type %r still unknown after %gs",
+                sequence,
+                exc.event_type,
+                self._unknown_type_grace,
+            )
+            await self._refuse(message, _refusal(exc))
             return
         except Exception as exc:
             if not isinstance(exc, DecodeError):
