@@ -87,8 +87,8 @@ class EventRecorder:
         await self._stop.wait()
         try:
             await nc.drain()
-        except nats.errors.Error:  # e.g. still reconnecting after a server restart
-            await nc.close()
+        except (nats.errors.Error, ConnectionError):  # e.g. a connection a server restart
+            await nc.close()  # reset, and nats-py is still reconnecting
 
     def __enter__(self) -> EventRecorder:
         self._thread.start()
