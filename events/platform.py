@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PLATFORM_MAX = 64
+from events.limits import PLATFORM_MAX
+
 DEFAULT_PLATFORM = "linux/amd64"
 # Checked before lowering: ``str.lower`` maps some non-ASCII letters (the Kelvin sign) to
 # ASCII ones.

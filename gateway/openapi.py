@@ -25,7 +25,8 @@ from typing import Any
 from aiohttp import web
 
 from dcu.settings import AuthSettings
-from events.platform import DEFAULT_PLATFORM, PLATFORM_MAX, PLATFORM_PATTERN
+from events.limits import IMAGE_NAME_MAX, PLATFORM_MAX, USERNAME_MAX
+from events.platform import DEFAULT_PLATFORM, PLATFORM_PATTERN
 from events.schema import EventType
 from events.states import PROGRESS, TaskState
 from gateway import start, views
@@ -33,7 +34,6 @@ from gateway.keys import API, SETTINGS
 
 PATH = "/openapi.json"
 VERSION = "3.0.3"
-IMAGE_NAME_MAX = 500  # also enforced by the handlers for /start and the /query filter
 CLEANUP_KINDS = ["gzip", "objects"]
 
 Schema = dict[str, Any]
@@ -82,7 +82,7 @@ def _schemas(auth: AuthSettings) -> dict[str, Schema]:
                 "username": {
                     "type": "string",
                     "minLength": 1,
-                    "maxLength": views.USERNAME_MAX,
+                    "maxLength": USERNAME_MAX,
                     "description": "Trimmed; must not be blank nor hold control characters."
                     + (
                         " Optional and ignored: the task's username is the token's name "
@@ -263,7 +263,7 @@ def _schemas(auth: AuthSettings) -> dict[str, Schema]:
                 "requested_by": {
                     "type": "string",
                     "minLength": 1,
-                    "maxLength": views.USERNAME_MAX,
+                    "maxLength": USERNAME_MAX,
                     "description": "Who asks (as a username); `admin` by default.",
                 },
             },
@@ -499,7 +499,7 @@ def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
                     ),
                     _query(
                         "username",
-                        {"type": "string", "maxLength": views.USERNAME_MAX},
+                        {"type": "string", "maxLength": USERNAME_MAX},
                         "Exact user (trimmed).",
                     ),
                     _query("state", {"type": "string", "enum": [s.value for s in TaskState]}),

@@ -34,6 +34,7 @@ from dcu.errors import (
     NotFound,
     TooManyRequests,
 )
+from events.limits import IMAGE_NAME_MAX
 from events.platform import InvalidPlatform, parse_platform
 from events.reference import InvalidReference, parse_reference, registry_refusal
 from events.schema import DecodeError, Event, EventType, Requested, once_per_task_id
@@ -351,8 +352,8 @@ async def start_task(request: web.Request) -> web.Response:
         ref = parse_reference(data["docker_image_name"])
     except InvalidReference as exc:
         raise InvalidInput(str(exc)) from None
-    if len(ref.original) > 500:
-        raise InvalidInput("docker_image_name is longer than 500 characters")
+    if len(ref.original) > IMAGE_NAME_MAX:
+        raise InvalidInput(f"docker_image_name is longer than {IMAGE_NAME_MAX} characters")
     settings = request.app[SETTINGS]
     refusal = registry_refusal(ref, settings.docker.allowed_registries)
     if refusal is not None:

@@ -10,10 +10,10 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from dcu.errors import InvalidInput
+from events.limits import ID_MAX, IMAGE_NAME_MAX, USERNAME_MAX
 from events.states import TaskState
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-USERNAME_MAX = 100
 DEFAULT_PAGE_SIZE = 10
 PAGE_MAX = 1_000_000
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -83,7 +83,7 @@ def check_task_id(raw: str) -> str:
     try:
         return str(uuid.UUID(raw))
     except ValueError:
-        raise InvalidInput(f"task_id {raw[:100]!r} is not a UUID") from None
+        raise InvalidInput(f"task_id {raw[:ID_MAX]!r} is not a UUID") from None
 
 
 def check_username(raw: object) -> str:
@@ -131,8 +131,8 @@ def parse_query(params: Mapping[str, str], max_page_size: int) -> QueryParams:
             allowed = ", ".join(s.value for s in TaskState)
             raise InvalidInput(f"state {raw_state[:50]!r} is not one of: {allowed}") from None
     image = params.get("docker_image_name") or None
-    if image is not None and len(image) > 500:
-        raise InvalidInput("docker_image_name filter is longer than 500 characters")
+    if image is not None and len(image) > IMAGE_NAME_MAX:
+        raise InvalidInput(f"docker_image_name filter is longer than {IMAGE_NAME_MAX} characters")
     if image is not None and not image.isprintable():  # NUL included: no driver sees it
         raise InvalidInput("docker_image_name filter contains control characters")
     username = params.get("username") or None

@@ -19,7 +19,7 @@ from __future__ import annotations
 from tortoise import fields
 from tortoise.models import Model
 
-from events.platform import PLATFORM_MAX
+from events import limits
 
 APP_LABEL = "dcu"
 
@@ -28,13 +28,13 @@ class DcuTask(Model):
     """One task; ``state`` moves only through guarded updates in the repository."""
 
     id = fields.IntField(primary_key=True)
-    task_id = fields.CharField(max_length=100, unique=True)
-    username = fields.CharField(max_length=100, db_index=True)
-    docker_image_name = fields.CharField(max_length=500, db_index=True)
-    gzip_file_name = fields.CharField(max_length=500, null=True)
-    minio_object_name = fields.CharField(max_length=500, null=True)
-    state = fields.CharField(max_length=50, db_index=True)
-    error_message = fields.CharField(max_length=2000, null=True)
+    task_id = fields.CharField(max_length=limits.ID_MAX, unique=True)
+    username = fields.CharField(max_length=limits.USERNAME_MAX, db_index=True)
+    docker_image_name = fields.CharField(max_length=limits.IMAGE_NAME_MAX, db_index=True)
+    gzip_file_name = fields.CharField(max_length=limits.OBJECT_NAME_MAX, null=True)
+    minio_object_name = fields.CharField(max_length=limits.OBJECT_NAME_MAX, null=True)
+    state = fields.CharField(max_length=limits.STATE_MAX, db_index=True)
+    error_message = fields.CharField(max_length=limits.ERROR_MESSAGE_MAX, null=True)
     start_time = fields.DatetimeField(db_index=True)
     end_time = fields.DatetimeField(null=True)
     duration = fields.IntField(null=True)  # milliseconds
@@ -52,11 +52,12 @@ class TaskTransition(Model):
     """One judged event: ``applied`` says whether it changed the task, ``error`` why not."""
 
     id = fields.IntField(primary_key=True)
-    task_id = fields.CharField(max_length=100, db_index=True)
-    from_state = fields.CharField(max_length=50, null=True)  # null: creation, unknown task
-    to_state = fields.CharField(max_length=50, null=True)  # null: unknown task, no target
-    event_id = fields.CharField(max_length=100, unique=True)
-    event_type = fields.CharField(max_length=50)
+    task_id = fields.CharField(max_length=limits.ID_MAX, db_index=True)
+    # from_state null: creation, unknown task; to_state null: unknown task, no target
+    from_state = fields.CharField(max_length=limits.STATE_MAX, null=True)
+    to_state = fields.CharField(max_length=limits.STATE_MAX, null=True)
+    event_id = fields.CharField(max_length=limits.ID_MAX, unique=True)
+    event_type = fields.CharField(max_length=limits.STATE_MAX)
     stream_seq = fields.BigIntField(null=True)  # null until the stream delivers it
     time = fields.DatetimeField()
     applied = fields.BooleanField()
@@ -72,21 +73,21 @@ class TaskDetail(Model):
     """Facts about a task beyond the seed's columns; every field but ``task_id`` optional."""
 
     id = fields.IntField(primary_key=True)
-    task_id = fields.CharField(max_length=100, unique=True)
-    image_id = fields.CharField(max_length=200, null=True)
+    task_id = fields.CharField(max_length=limits.ID_MAX, unique=True)
+    image_id = fields.CharField(max_length=limits.IMAGE_ID_MAX, null=True)
     tar_bytes = fields.BigIntField(null=True)
     archive_bytes = fields.BigIntField(null=True)
-    archive_sha256 = fields.CharField(max_length=64, null=True)
-    bucket = fields.CharField(max_length=100, null=True)
-    stage = fields.CharField(max_length=20, null=True)
+    archive_sha256 = fields.CharField(max_length=limits.SHA256_HEX_LEN, null=True)
+    bucket = fields.CharField(max_length=limits.BUCKET_MAX, null=True)
+    stage = fields.CharField(max_length=limits.STAGE_MAX, null=True)
     stage_bytes_done = fields.BigIntField(null=True)
     stage_bytes_total = fields.BigIntField(null=True)
     stage_rate = fields.FloatField(null=True)  # bytes per second
     progress_time = fields.DatetimeField(null=True)
     # From the registry engine (0002): the platform asked for, then the one packaged.
-    platform = fields.CharField(max_length=PLATFORM_MAX, null=True)
-    manifest_digest = fields.CharField(max_length=100, null=True)
-    engine = fields.CharField(max_length=20, null=True)
+    platform = fields.CharField(max_length=limits.PLATFORM_MAX, null=True)
+    manifest_digest = fields.CharField(max_length=limits.MANIFEST_DIGEST_MAX, null=True)
+    engine = fields.CharField(max_length=limits.STAGE_MAX, null=True)
     # null until the download stage says whether an existing archive was reused.
     reused = fields.BooleanField(null=True)
     fetched_bytes = fields.BigIntField(null=True)
@@ -106,12 +107,12 @@ class RefusedEvent(Model):
     """
 
     id = fields.IntField(primary_key=True)
-    stream = fields.CharField(max_length=255)
+    stream = fields.CharField(max_length=limits.STREAM_NAME_MAX)
     stream_seq = fields.BigIntField()
     subject = fields.TextField()
-    event_id = fields.CharField(max_length=100, null=True)  # null: no readable envelope
-    task_id = fields.CharField(max_length=100, null=True)
-    event_type = fields.CharField(max_length=50, null=True)
+    event_id = fields.CharField(max_length=limits.ID_MAX, null=True)  # null: no readable envelope
+    task_id = fields.CharField(max_length=limits.ID_MAX, null=True)
+    event_type = fields.CharField(max_length=limits.STATE_MAX, null=True)
     reason = fields.TextField()
     # The message bytes as UTF-8 with backslash escapes, cut at the repository's RAW_MAX
     # (column ``raw``: Tortoise's Model reserves the attribute name).

@@ -41,7 +41,19 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from dcu.errors import DcuError, InvalidInput, NotFound
-from events.platform import PLATFORM_MAX
+from events.limits import (
+    BUCKET_MAX,
+    ERROR_MESSAGE_MAX,
+    ID_MAX,
+    IMAGE_ID_MAX,
+    IMAGE_NAME_MAX,
+    MANIFEST_DIGEST_MAX,
+    OBJECT_NAME_MAX,
+    PLATFORM_MAX,
+    SHA256_HEX_LEN,
+    STAGE_MAX,
+    USERNAME_MAX,
+)
 from events.schema import (
     Compressed,
     Downloaded,
@@ -60,16 +72,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ERROR_MESSAGE_MAX = 2000
 TRUNCATION_MARK = " …[truncated]"
 DURATION_MAX_MS = 2**31 - 1  # INTEGER column
-MANIFEST_DIGEST_MAX = 100
 BIGINT_MAX = 2**63 - 1
 SQLITE_TAKE_WRITE_LOCK = 'UPDATE "dcu_tasks" SET "id" = "id" WHERE 1 = 0'
 # How often a write that lost a race (unique constraint) is judged again.
 WRITE_ATTEMPTS = 3
 RAW_MAX = 64 * 1024  # bytes of a refused message kept in ``dcu_refused_events.raw``
-ID_MAX = 100  # task and event id columns
 EVENT_TYPE_MAX = 50
 
 
@@ -373,28 +382,30 @@ def _effects(event: Event, start_time: datetime) -> _Effects:
     task: dict[str, Any] = {}
     detail: dict[str, Any] = {}
     if isinstance(payload, Downloaded):
-        detail["image_id"] = _text(payload.image_id, "image_id", 200)
+        detail["image_id"] = _text(payload.image_id, "image_id", IMAGE_ID_MAX)
         detail["tar_bytes"] = _count(payload.bytes, "bytes")
-        detail["engine"] = _text(payload.engine, "engine", 20)
+        detail["engine"] = _text(payload.engine, "engine", STAGE_MAX)
         detail.update(_image_facts(payload.platform, payload.manifest_digest))
         if payload.fetched_bytes is not None:
             detail["fetched_bytes"] = _count(payload.fetched_bytes, "fetched_bytes")
         if payload.cached_bytes is not None:
             detail["cached_bytes"] = _count(payload.cached_bytes, "cached_bytes")
         if payload.reused_object is not None:
-            _text(payload.reused_object, "reused_object", 500)
+            _text(payload.reused_object, "reused_object", OBJECT_NAME_MAX)
         detail["reused"] = payload.reused_object is not None
     elif isinstance(payload, Compressed):
-        task["gzip_file_name"] = _text(payload.gzip_file_name, "gzip_file_name", 500)
-        detail["image_id"] = _text(payload.image_id, "image_id", 200)
+        task["gzip_file_name"] = _text(payload.gzip_file_name, "gzip_file_name", OBJECT_NAME_MAX)
+        detail["image_id"] = _text(payload.image_id, "image_id", IMAGE_ID_MAX)
         detail["archive_bytes"] = _count(payload.bytes_out, "bytes_out")
-        detail["archive_sha256"] = _text(payload.sha256, "sha256", 64)
+        detail["archive_sha256"] = _text(payload.sha256, "sha256", SHA256_HEX_LEN)
     elif isinstance(payload, Uploaded):
-        task["minio_object_name"] = _text(payload.minio_object_name, "minio_object_name", 500)
-        detail["bucket"] = _text(payload.bucket, "bucket", 100)
+        task["minio_object_name"] = _text(
+            payload.minio_object_name, "minio_object_name", OBJECT_NAME_MAX
+        )
+        detail["bucket"] = _text(payload.bucket, "bucket", BUCKET_MAX)
         detail.update(_image_facts(payload.platform, payload.manifest_digest))
         if payload.reused_from is not None:
-            _text(payload.reused_from, "reused_from", 500)
+            _text(payload.reused_from, "reused_from", OBJECT_NAME_MAX)
             detail["reused"] = True
     elif isinstance(payload, Failed):
         task["error_message"] = truncate_message(_text(payload.reason, "reason"))
@@ -498,11 +509,12 @@ class TaskRepository:
                 )
             log.debug("task %s: event %s already recorded", event.task_id, event.event_id)
             return ApplyOutcome.DUPLICATE
-        if len(event.task_id) > 100 or len(event.event_id) > 100:
+        if len(event.task_id) > ID_MAX or len(event.event_id) > ID_MAX:
             log.warning(
-                "task %s: event %s refused: task or event id longer than 100 characters",
-                event.task_id[:100],
-                event.event_id[:100],
+                "task %s: event %s refused: task or event id longer than %d characters",
+                event.task_id[:ID_MAX],
+                event.event_id[:ID_MAX],
+                ID_MAX,
             )
             return ApplyOutcome.INVALID
 
@@ -545,10 +557,10 @@ class TaskRepository:
     ) -> DcuTask:
         payload = event.payload
         assert isinstance(payload, Requested)
-        if len(event.task_id) > 100 or len(event.event_id) > 100:
-            raise _Invalid("task or event id longer than 100 characters")
-        username = _text(payload.username, "username", 100)
-        image = _text(payload.docker_image_name, "docker_image_name", 500)
+        if len(event.task_id) > ID_MAX or len(event.event_id) > ID_MAX:
+            raise _Invalid(f"task or event id longer than {ID_MAX} characters")
+        username = _text(payload.username, "username", USERNAME_MAX)
+        image = _text(payload.docker_image_name, "docker_image_name", IMAGE_NAME_MAX)
         facts = _image_facts(payload.platform)
         moment = utc(event.time)
         row = await DcuTask.create(
@@ -666,11 +678,11 @@ class TaskRepository:
         payload = event.payload
         assert isinstance(payload, Progress)
         try:
-            if len(event.task_id) > 100:
-                raise _Invalid("task id longer than 100 characters")
+            if len(event.task_id) > ID_MAX:
+                raise _Invalid(f"task id longer than {ID_MAX} characters")
             values = [
                 event.task_id,
-                _text(payload.stage, "stage", 20),
+                _text(payload.stage, "stage", STAGE_MAX),
                 _count(payload.bytes_done, "bytes_done"),
                 _count(payload.bytes_total, "bytes_total", optional=True),
                 _rate(payload.rate),
@@ -678,7 +690,10 @@ class TaskRepository:
             ]
         except _Invalid as exc:
             log.warning(
-                "task %s: progress event %s refused: %s", event.task_id[:100], event.event_id, exc
+                "task %s: progress event %s refused: %s",
+                event.task_id[:ID_MAX],
+                event.event_id,
+                exc,
             )
             return ApplyOutcome.INVALID
 
