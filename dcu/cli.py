@@ -344,14 +344,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dcu: bad configuration: {exc}", file=sys.stderr)
             return 2
     timer = command in {"serve", "timer"}
-    if timer:
-        from actors.timer import schedules
-
-        try:
-            schedules(settings)
-        except ValueError as exc:
-            print(f"dcu: bad configuration: {exc}", file=sys.stderr)
-            return 2
     code = 0
     with contextlib.suppress(KeyboardInterrupt):
         code = asyncio.run(

@@ -14,7 +14,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +30,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from events.cleanup import check_cron
 from events.platform import DEFAULT_PLATFORM, InvalidPlatform, parse_platform
 
 DEFAULT_CONFIG = Path("configs/config.yaml")
@@ -117,6 +126,17 @@ class StorageSettings(BaseModel):
     # isal levels 0-3; 1 is gzip -1's ratio at several times its speed.
     compress_level: int = Field(default=1, ge=0, le=3)
     compress_threads: int = Field(default=2, ge=1)
+
+    @field_validator("cleanup_gzip_cron", "cleanup_minio_cron")
+    @classmethod
+    def _cron(cls, value: str, info: ValidationInfo) -> str:
+        """A five-field crontab expression (or an ``@daily`` alias) that fires; checked
+        once here for every role, not only by the timer."""
+        key = f"storage.{info.field_name}"
+        try:
+            return check_cron(value, key)
+        except ValueError as exc:  # the key is in the error's location already
+            raise ValueError(str(exc).removeprefix(f"{key}: ")) from None
 
 
 class MinioSettings(BaseModel):
