@@ -365,7 +365,6 @@ def declare_cleanup(
             raise PermanentFailure(f"undecodable cleanup event: {exc}") from exc
         if not isinstance(event.payload, CleanupRequested):
             raise PermanentFailure(f"cleanup got a {event.type} event, expected requested")
-        ctx = await runtime.context()
         log.info(
             "cleanup %s: request %s (%s by %s)",
             event.kind,
@@ -373,7 +372,8 @@ def declare_cleanup(
             event.payload.reason,
             event.payload.requested_by,
         )
-        result = await run_cleanup(event.kind, ctx.settings, ctx.store, clock())
+        # Only the object store: the cleanup role opens no registry or Docker client.
+        result = await run_cleanup(event.kind, runtime.settings, runtime.object_store(), clock())
         done = result.completed(event.event_id)
         await runtime.publish_raw(subjects.for_cleanup(done, prefix), done.encode(), done.msg_id)
         log.info(

@@ -84,6 +84,12 @@ class Runtime:
         """Publish bytes that are not a task event (cleanup reports); raises BusError."""
         return await (self._bus or await self._open()).publish_raw(subject, data, msg_id)
 
+    def object_store(self) -> ObjectStore:
+        """The object store client, opened on first use (the cleanup role needs only it)."""
+        if self._store is None:
+            self._store = open_store(self.settings.minio)
+        return self._store
+
     async def context(self) -> stages.StageContext:
         await self._open()
         if self.settings.download.engine == "docker":
@@ -91,12 +97,10 @@ class Runtime:
                 self._engine = DockerEngine(self.settings.docker)
         elif self._registry is None:
             self._registry = RegistryEngine(self.settings)
-        if self._store is None:
-            self._store = open_store(self.settings.minio)
         return stages.StageContext(
             settings=self.settings,
             engine=self._engine,
-            store=self._store,
+            store=self.object_store(),
             emit=self.publish,
             worker=self.name,
             recorded=self.recorded,
