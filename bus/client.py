@@ -14,7 +14,7 @@ import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import nats
 from nats.aio.client import Client
@@ -77,9 +77,9 @@ class Published:
     duplicate: bool  # JetStream already held this Nats-Msg-Id (within its window)
 
 
-@dataclass(frozen=True, slots=True)
-class LastEvent:
-    """A task's latest stored event: its type and the time the stream stored it."""
+class StreamEvent(NamedTuple):
+    """A task's latest stored event: its type (the subject's last token, ``progress`` for
+    a report) and the time the stream stored it."""
 
     type: str
     time: datetime
@@ -301,7 +301,7 @@ class Bus:
         except DecodeError:
             return None
 
-    async def last_activity(self, task_id: str) -> LastEvent | None:
+    async def last_activity(self, task_id: str) -> StreamEvent | None:
         """The newer of the task's latest fact (any type: a last-by-subject get on the
         wildcard ``<prefix>.task.<id>.>``) and its latest progress report. None for a
         task the streams hold nothing of, and for an id that is not one subject token
@@ -318,7 +318,7 @@ class Bus:
             return None
         latest = max(found, key=lambda c: c.time)
         kind = "progress" if latest.stream == self.settings.progress_stream else None
-        return LastEvent(type=kind or latest.subject.rsplit(".", 1)[-1], time=latest.time)
+        return StreamEvent(type=kind or latest.subject.rsplit(".", 1)[-1], time=latest.time)
 
     async def message(self, stream: str, seq: int) -> StoredMessage | None:
         """Message ``seq`` of ``stream``; None when the stream does not hold it."""

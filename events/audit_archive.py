@@ -15,7 +15,7 @@ ASCII escapes, so any bytes survive the round trip.) The object's metadata holds
 ``first-seq``, ``last-seq``, ``count``, ``sha256`` (of the object's bytes) and
 ``prev-sha256`` (the previous segment's ``sha256``; empty for the first), so a missing
 segment (a gap in the sequences) or an edited one (a digest that does not match, or a
-chain that breaks) is found by :func:`verify` before anything is replayed.
+chain that breaks) is found by :class:`Chain` before anything is replayed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import gzip
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -183,13 +183,6 @@ class Chain:
         self.expected_first = last + 1
         self.previous = digest
         return messages
-
-
-def verify(segments: Iterable[Segment], stream: str) -> Iterator[StoredMessage]:
-    """Check and yield the messages of ``segments`` in order (see ``Chain.check``)."""
-    chain = Chain(stream)
-    for segment in segments:
-        yield from chain.check(segment)
 
 
 def last_seq(names: Iterable[str], object_prefix: str, stream: str) -> int:

@@ -89,13 +89,3 @@ def is_token(text: str) -> bool:
     """Whether ``text`` is exactly one subject token (no dot, wildcard or whitespace), so
     a subject built from it names only what it should."""
     return bool(text) and not any(ch in ".*>" or ch.isspace() for ch in text)
-
-
-def task_of(subject: str, prefix: str = DEFAULT_PREFIX) -> str | None:
-    """The task id a task or progress subject names, None for any other subject."""
-    parts = subject.split(".")
-    if len(parts) == 4 and parts[0] == prefix and parts[1] == "task":
-        return parts[2]
-    if len(parts) == 3 and parts[0] == prefix and parts[1] == "progress":
-        return parts[2]
-    return None

@@ -27,7 +27,6 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -332,12 +331,29 @@ class _SseWriter:
         return self.response
 
 
-def _with_progress(
-    history: list[tuple[int, Event]], progress: tuple[int, Event]
+async def task_events(
+    bus: Bus,
+    task_id: str,
+    *,
+    include_progress: bool,
+    deadline: float | None = None,
+    limit: int | None = None,
 ) -> list[tuple[int, Event]]:
-    """The audit history with the latest progress report placed by its time (before a
-    terminal event it preceded). Its ``seq`` is its sequence in the progress stream."""
-    merged = [item for item in history if item[1].event_id != progress[1].event_id]
+    """The task's facts from the audit stream (at most ``limit``) and, with
+    ``include_progress``, its latest progress report placed by its time (before a
+    terminal event it preceded; its ``seq`` is its sequence in the progress stream).
+    Raises as ``read_history`` does."""
+    events: list[tuple[int, Event]] = []
+    history = read_history(bus, task_id, deadline=deadline)
+    async with contextlib.aclosing(history):
+        async for item in history:
+            events.append(item)
+            if limit is not None and len(events) >= limit:
+                break
+    progress = await bus.latest_progress(task_id) if include_progress else None
+    if progress is None:
+        return events
+    merged = [item for item in events if item[1].event_id != progress[1].event_id]
     position = len(merged)
     while position and merged[position - 1][1].time > progress[1].time:
         position -= 1
@@ -354,24 +370,17 @@ async def task_history(request: web.Request) -> web.Response:
     JetStream cannot be read in ``HISTORY_TIMEOUT`` seconds."""
     task_id = views.check_task_id(request.match_info["task_id"])
     include_progress = parse_flag(request.query, "include_progress", True)
-    found = False
-    truncated = False
-    items: list[dict[str, Any]] = []
-    history = read_history(request.app[BUS], task_id, deadline=time.monotonic() + HISTORY_TIMEOUT)
-    collected: list[tuple[int, Event]] = []
-    async with contextlib.aclosing(history):
-        async for seq, event in history:
-            found = True
-            collected.append((seq, event))
-    if include_progress and (progress := await request.app[BUS].latest_progress(task_id)):
-        collected = _with_progress(collected, progress)
-    for seq, event in collected:
-        if len(items) >= MAX_EVENTS:
-            truncated = True
-            break
-        items.append({**event.to_dict(), "seq": seq})
-    if not found:
+    events = await task_events(
+        request.app[BUS],
+        task_id,
+        include_progress=include_progress,
+        deadline=time.monotonic() + HISTORY_TIMEOUT,
+        limit=MAX_EVENTS + 1,  # one more tells that the history was truncated
+    )
+    if not any(event.type != EventType.PROGRESS for _, event in events):
         raise NotFound(f"no events for task {task_id}")
+    truncated = len(events) > MAX_EVENTS
+    items = [{**event.to_dict(), "seq": seq} for seq, event in events[:MAX_EVENTS]]
     data = {"task_id": task_id, "total": len(items), "truncated": truncated, "events": items}
     return respond(envelope.ok(data))
 
@@ -408,14 +417,8 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             if include_progress or event.type != EventType.PROGRESS:
                 await writer.event(event)
 
-        collected: list[tuple[int, Event]] = []
-        history = read_history(app[BUS], task_id)
-        async with contextlib.aclosing(history):
-            async for seq, event in history:
-                collected.append((seq, event))
-        if include_progress and (progress := await app[BUS].latest_progress(task_id)):
-            collected = _with_progress(collected, progress)
-        for _seq, event in collected:
+        history = await task_events(app[BUS], task_id, include_progress=include_progress)
+        for _seq, event in history:
             found = True
             seen.add(event.event_id)
             terminal = terminal or event.type in TERMINAL

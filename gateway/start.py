@@ -166,25 +166,7 @@ def stream_detail(event: Event) -> repository.TaskDetailRecord | None:
     assert isinstance(event.payload, Requested)
     if event.payload.platform is None:
         return None
-    return repository.TaskDetailRecord(
-        task_id=event.task_id,
-        image_id=None,
-        tar_bytes=None,
-        archive_bytes=None,
-        archive_sha256=None,
-        bucket=None,
-        stage=None,
-        stage_bytes_done=None,
-        stage_bytes_total=None,
-        stage_rate=None,
-        progress_time=None,
-        platform=event.payload.platform,
-        manifest_digest=None,
-        engine=None,
-        reused=None,
-        fetched_bytes=None,
-        cached_bytes=None,
-    )
+    return repository.TaskDetailRecord(task_id=event.task_id, platform=event.payload.platform)
 
 
 async def stored_request(app: web.Application, task_id: str) -> Event | None:

@@ -175,22 +175,22 @@ class TaskDetailRecord:
     """
 
     task_id: str
-    image_id: str | None
-    tar_bytes: int | None
-    archive_bytes: int | None
-    archive_sha256: str | None
-    bucket: str | None
-    stage: str | None
-    stage_bytes_done: int | None
-    stage_bytes_total: int | None
-    stage_rate: float | None
-    progress_time: datetime | None
-    platform: str | None
-    manifest_digest: str | None
-    engine: str | None
-    reused: bool | None
-    fetched_bytes: int | None
-    cached_bytes: int | None
+    image_id: str | None = None
+    tar_bytes: int | None = None
+    archive_bytes: int | None = None
+    archive_sha256: str | None = None
+    bucket: str | None = None
+    stage: str | None = None
+    stage_bytes_done: int | None = None
+    stage_bytes_total: int | None = None
+    stage_rate: float | None = None
+    progress_time: datetime | None = None
+    platform: str | None = None
+    manifest_digest: str | None = None
+    engine: str | None = None
+    reused: bool | None = None
+    fetched_bytes: int | None = None
+    cached_bytes: int | None = None
 
 
 def utc(moment: datetime) -> datetime:

@@ -12,15 +12,7 @@ from events.schema import Event
 from persistence.database import close_database, init_database
 from persistence.repository import TaskRepository
 from persistence.subscriber import PersistenceSubscriber
-from persistence.watchdog import StreamEvent, StuckTaskWatchdog
-
-
-async def last_task_event(bus: Bus, task_id: str) -> StreamEvent | None:
-    """The task's latest event in the streams (a fact of any type, or its progress):
-    its type and the time the stream stored it; None when the streams hold nothing of
-    it or ``task_id`` is not one subject token. Raises BusError."""
-    found = await bus.last_activity(task_id)
-    return None if found is None else StreamEvent(type=found.type, time=found.time)
+from persistence.watchdog import StuckTaskWatchdog
 
 
 @contextlib.asynccontextmanager
@@ -44,13 +36,10 @@ async def subscriber_running(settings: Settings, nats_url: str) -> AsyncIterator
             async def publish(event: Event) -> None:
                 await bus.publish(event)
 
-            async def last_event(task_id: str) -> StreamEvent | None:
-                return await last_task_event(bus, task_id)
-
             watchdog = StuckTaskWatchdog(
                 repository,
                 publish,
-                last_event,
+                bus.last_activity,
                 stuck_after=settings.workers.stuck_after,
                 interval=settings.workers.watchdog_interval,
             )

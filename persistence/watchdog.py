@@ -22,8 +22,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
 
+from bus import StreamEvent
 from dcu.errors import DcuError
 from events.schema import Event, EventType, Failed, Stage, once_per_task_id, utcnow
 from events.states import TaskState
@@ -32,14 +32,6 @@ from persistence.repository import TaskRecord, TaskRepository
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Event], Awaitable[None]]
-
-
-class StreamEvent(NamedTuple):
-    """A task's latest event in the stream: its type (the subject's last token) and when
-    the stream stored it."""
-
-    type: str
-    time: datetime
 
 
 # The task's latest event in the stream, None when the stream holds none of it.

@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 from miniopy_async import Minio
 
+from dcu.settings import NatsSettings
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.s3 import S3Server
 
@@ -164,9 +165,6 @@ def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
 
 
-STREAM_SUFFIXES = ("_AUDIT", "_PROGRESS", "_WORK")
-
-
 def subject_matches(pattern: str, subject: str) -> bool:
     """NATS wildcard matching: ``*`` is one token, a trailing ``>`` one or more."""
     wanted, tokens = pattern.split("."), subject.split(".")
@@ -181,14 +179,15 @@ def subject_matches(pattern: str, subject: str) -> bool:
 def streams_for(stream: str, subject: str) -> list[str]:
     """The streams of a deployment whose ``nats.stream`` is ``stream`` that can hold
     ``subject``: task and cleanup facts are audited, progress and work have their own."""
+    names = NatsSettings(stream=stream)
     kind = subject.split(".")[1] if subject.count(".") else ">"
     if kind in {"task", "cleanup"}:
-        return [f"{stream}_AUDIT"]
+        return [names.audit_stream]
     if kind == "progress":
-        return [f"{stream}_PROGRESS"]
+        return [names.progress_stream]
     if kind in {"queue", "dead"}:
-        return [f"{stream}_WORK"]
-    return [stream + suffix for suffix in STREAM_SUFFIXES]
+        return [names.work_stream]
+    return [names.audit_stream, names.progress_stream, names.work_stream]
 
 
 def stream_events(url: str, stream: str, subject: str) -> list[dict[str, Any]]:
@@ -237,7 +236,8 @@ def consumer_waiting(url: str, stream: str, durable: str) -> int:
         nc = await nats.connect(url)
         try:
             try:
-                info = await nc.jetstream().consumer_info(f"{stream}_AUDIT", durable)
+                audit = NatsSettings(stream=stream).audit_stream
+                info = await nc.jetstream().consumer_info(audit, durable)
             except nats.js.errors.NotFoundError:
                 return 0  # no replica has declared it yet
             return int(info.num_waiting or 0)

@@ -14,6 +14,7 @@ from typing import Any
 import nats
 import pytest
 
+from dcu.settings import NatsSettings
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import stream_events
 from tests.servers.dcu_process import DcuProcess
@@ -73,7 +74,7 @@ def test_tasks_survive_the_audit_leader_going_down(
         )
         config["nats"]["replicas"] = 3
         service = DcuProcess(tmp_path, config, ["serve"], name="serve").start()
-        audit = f"{config['nats']['stream']}_AUDIT"
+        audit = NatsSettings(stream=config["nats"]["stream"]).audit_stream
         info = _jetstream(first, lambda js: js.stream_info(audit))
         assert info.config.num_replicas == 3
         assert info.cluster is not None and len(info.cluster.replicas or []) == 2

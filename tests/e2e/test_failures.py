@@ -9,7 +9,7 @@ import nats
 import pytest
 
 from tests.e2e.conftest import service_config
-from tests.e2e.helpers import transitions
+from tests.e2e.helpers import streams_for, transitions
 from tests.servers.base import free_port
 from tests.servers.dcu_process import DcuProcess
 
@@ -21,9 +21,9 @@ async def _pending(url: str, stream: str) -> dict[str, tuple[int, int]]:
     try:
         js = nc.jetstream()
         found = {}
-        for suffix in ("_AUDIT", "_PROGRESS", "_WORK"):
-            for info in await js.consumers_info(stream + suffix):
-                found[f"{suffix[1:]}/{info.name}"] = (info.num_pending, info.num_ack_pending)
+        for name in streams_for(stream, ">"):
+            for info in await js.consumers_info(name):
+                found[f"{name}/{info.name}"] = (info.num_pending, info.num_ack_pending)
         return found
     finally:
         await nc.close()

@@ -22,7 +22,8 @@ import nats
 import pytest
 
 from actors.object_store import S3ObjectStore
-from dcu.settings import MinioSettings
+from dcu.settings import MinioSettings, NatsSettings
+from persistence.subscriber import consumer_name, progress_consumer_name
 from tests.e2e.conftest import service_config
 from tests.e2e.test_scaling import _rows
 from tests.servers.dcu_process import DCU, DcuProcess
@@ -49,9 +50,10 @@ async def _persistence_settled(url: str, stream: str) -> bool:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
+        names = NatsSettings(stream=stream)
         for name, durable in (
-            (f"{stream}_AUDIT", f"{stream}-persistence"),
-            (f"{stream}_PROGRESS", f"{stream}-persistence-progress"),
+            (names.audit_stream, consumer_name(names)),
+            (names.progress_stream, progress_consumer_name(names)),
         ):
             info = await js.consumer_info(name, durable)
             if info.num_pending or info.num_ack_pending:
@@ -67,9 +69,10 @@ async def _stream_bytes(url: str, stream: str) -> dict[str, tuple[int, int]]:
     try:
         js = nc.jetstream()
         found = {}
-        for suffix in ("_AUDIT", "_PROGRESS"):
-            state = (await js.stream_info(stream + suffix)).state
-            found[suffix[1:].lower()] = (int(state.messages), int(state.bytes))
+        names = NatsSettings(stream=stream)
+        for kind, name in (("audit", names.audit_stream), ("progress", names.progress_stream)):
+            state = (await js.stream_info(name)).state
+            found[kind] = (int(state.messages), int(state.bytes))
         return found
     finally:
         await nc.close()

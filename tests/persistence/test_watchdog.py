@@ -1,5 +1,5 @@
 """The stuck-task watchdog on both database backends, with an injected clock and a fake of
-the stream's last-event lookup; the real lookup (``persistence.runner.last_task_event``)
+the stream's last-event lookup; the real lookup (``bus.Bus.last_activity``)
 against a real nats-server."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
-from bus import Bus
+from bus import Bus, StreamEvent
 from dcu.settings import NatsSettings
 from events import subjects
 from events.schema import (
@@ -24,8 +24,7 @@ from events.schema import (
     once_per_task_id,
 )
 from persistence.repository import TaskRepository
-from persistence.runner import last_task_event
-from persistence.watchdog import StreamEvent, StuckTaskWatchdog
+from persistence.watchdog import StuckTaskWatchdog
 from tests.persistence.conftest import T0, Timeline
 
 STUCK_AFTER = 3600.0
@@ -198,19 +197,19 @@ async def test_last_task_event_is_the_latest_event_of_the_task_in_the_streams(
         started = await publish(timeline.event(DownloadStarted(worker="w1")))
         await publish(other.requested())
         # When the task's latest event is looked up
-        last = await last_task_event(Bus(nc, settings), timeline.task_id)
+        last = await Bus(nc, settings).last_activity(timeline.task_id)
         # Then it is the later of its facts and reports, dated by its stream
         assert last == StreamEvent("download_started", started)
         assert last is not None and last.time.tzinfo is not None
         # and a progress report after it is later still
         reported = await publish(timeline.progress(20))
-        assert await last_task_event(Bus(nc, settings), timeline.task_id) == StreamEvent(
+        assert await Bus(nc, settings).last_activity(timeline.task_id) == StreamEvent(
             "progress", reported
         )
         # and a task the streams hold nothing of has none
-        assert await last_task_event(Bus(nc, settings), str(uuid.uuid4())) is None
+        assert await Bus(nc, settings).last_activity(str(uuid.uuid4())) is None
         # nor does an id that is not one subject token (it would match other tasks)
-        assert await last_task_event(Bus(nc, settings), "*") is None
+        assert await Bus(nc, settings).last_activity("*") is None
     finally:
         for info in await js.streams_info():
             if info.config.name and info.config.name.startswith(settings.stream):
