@@ -46,6 +46,10 @@ from events.naming import inside
 
 log = logging.getLogger(__name__)
 
+# Aborting a failed multipart upload: attempts, and seconds between them (times the attempt).
+ABORT_ATTEMPTS = 3
+ABORT_BACKOFF = 0.5
+
 ProgressCallback = Callable[[int, int | None], None]
 
 
@@ -391,14 +395,23 @@ class S3ObjectStore:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _abort_upload(self, name: str, upload_id: str) -> None:
-        """Best effort: a failed upload's parts hold storage until aborted. A failure
-        here is logged, never raised over the upload's own error; ``abort_incomplete``
-        catches what is left on the next attempt."""
-        try:
-            async with asyncio.timeout(self._settings.connect_timeout):
-                await self.client._abort_multipart_upload(self._settings.bucket, name, upload_id)
-        except _TRANSPORT_ERRORS as exc:
-            log.warning("%s", self._error(f"aborting the failed upload of {name}", exc))
+        """Best effort: a failed upload's parts hold storage until aborted. S3 may refuse
+        an abort while a cancelled part upload is still being processed (moto answers
+        500), so it is tried ABORT_ATTEMPTS times. A last failure is logged, never raised
+        over the upload's own error; ``abort_incomplete`` catches what is left on the next
+        attempt."""
+        for attempt in range(1, ABORT_ATTEMPTS + 1):
+            try:
+                async with asyncio.timeout(self._settings.connect_timeout):
+                    await self.client._abort_multipart_upload(
+                        self._settings.bucket, name, upload_id
+                    )
+                return
+            except _TRANSPORT_ERRORS as exc:
+                if attempt == ABORT_ATTEMPTS:
+                    log.warning("%s", self._error(f"aborting the failed upload of {name}", exc))
+                    return
+                await asyncio.sleep(ABORT_BACKOFF * attempt)
 
     def _stored_problem(
         self, name: str, stored: Object | None, expected: int, parts: _Parts

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from actors import object_store
 from actors.object_store import LocalObjectStore, ObjectStore, S3ObjectStore
 from dcu.errors import StorageError
 from dcu.settings import MinioSettings
@@ -258,6 +259,40 @@ async def test_cancelled_upload_leaves_no_unfinished_upload(
         await upload
     assert await _pending_uploads(s3_store, name) == []
     assert await s3_store.stat(name) is None
+
+
+async def test_an_abort_the_server_refuses_once_is_tried_again(
+    s3_store: S3ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen under load: moto answered 500 to the abort of a cancelled upload whose part
+    was still being processed, and the unfinished upload stayed."""
+    source = tmp_path / "a.tar.gz"
+    source.write_bytes(os.urandom(3 * PART))
+    name = f"dcu/{uuid.uuid4()}/a.tar.gz"
+    upload_part = s3_store.client._upload_part
+    abort = s3_store.client._abort_multipart_upload
+    refused: list[str] = []
+
+    async def failing(bucket, object_name, data, headers, upload_id, part_number, *rest):
+        if part_number == 2:
+            raise OSError("connection reset while uploading part 2")
+        return await upload_part(bucket, object_name, data, headers, upload_id, part_number)
+
+    async def refused_once(bucket, object_name, upload_id):
+        if not refused:
+            refused.append(upload_id)
+            raise ValueError("non-XML response from server; Response code: 500")
+        return await abort(bucket, object_name, upload_id)
+
+    monkeypatch.setattr(s3_store.client, "_upload_part", failing)
+    monkeypatch.setattr(s3_store.client, "_abort_multipart_upload", refused_once)
+    monkeypatch.setattr(object_store, "ABORT_BACKOFF", 0.0)
+
+    with pytest.raises(StorageError, match="part 2"):
+        await s3_store.put_file(name, source, {})
+
+    assert len(refused) == 1
+    assert await _pending_uploads(s3_store, name) == []
 
 
 async def test_copy_replaces_the_metadata(store: ObjectStore, tmp_path: Path) -> None:
