@@ -73,6 +73,9 @@ def test_tasks_survive_the_audit_leader_going_down(
             tag=tag,
         )
         config["nats"]["replicas"] = 3
+        # A leader election on a loaded host can outlast the e2e default of 2 quick
+        # retries; give a stage the default's budget (a task failed that way once).
+        config["workers"].update({"max_retries": 5, "min_backoff_ms": 500, "max_backoff_ms": 5000})
         service = DcuProcess(tmp_path, config, ["serve"], name="serve").start()
         audit = NatsSettings(stream=config["nats"]["stream"]).audit_stream
         info = _jetstream(first, lambda js: js.stream_info(audit))
