@@ -32,7 +32,7 @@ import zstandard
 from isal import igzip_threaded, isal_zlib
 
 from actors.compression import atomic_output
-from dcu.errors import InvalidInput, PermanentFailure, StorageError
+from kernel.errors import InvalidInput, PermanentFailure, StorageError
 
 GZIP_LAYER_TYPES: frozenset[str] = frozenset(
     {

@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 from actors.object_store import ObjectStore
 from bus import Bus
-from dcu.errors import DcuError
-from dcu.settings import Settings
 from events import audit_archive
 from events.audit_archive import Segment, StoredMessage
+from kernel.errors import DcuError
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

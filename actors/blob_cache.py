@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.archive import LayerInfo
-from dcu.errors import StorageError
 from events.naming import is_sha256_hex
+from kernel.errors import StorageError
 
 log = logging.getLogger(__name__)
 

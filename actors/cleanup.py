@@ -41,8 +41,6 @@ import dramatiq
 from actors.blob_cache import BlobCache
 from actors.object_store import ObjectStore
 from actors.pipeline import Runtime
-from dcu.errors import DcuError, PermanentFailure
-from dcu.settings import Settings
 from dramatiq_jetstream import JetStreamBroker
 from events import subjects
 from events.cleanup import (
@@ -59,6 +57,8 @@ from events.cleanup import (
 )
 from events.naming import PLAN_FILE, is_sha256_hex
 from events.schema import DecodeError, utcnow
+from kernel.errors import DcuError, PermanentFailure
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from isal import igzip_threaded
 
-from dcu.errors import StorageError
+from kernel.errors import StorageError
 
 _READ_CHUNK = 4 * 1024 * 1024
 

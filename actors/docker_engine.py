@@ -28,9 +28,9 @@ import aiohttp
 from aiodocker.exceptions import DockerError
 
 from actors.registry_auth import DockerConfigError, RegistryAuth
-from dcu.errors import EngineError, ImageNotFound, StorageError, UpstreamTimeout
-from dcu.settings import DockerSettings
 from events.reference import ImageReference
+from kernel.errors import EngineError, ImageNotFound, StorageError, UpstreamTimeout
+from kernel.settings import DockerSettings
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from miniopy_async.datatypes import Object, Part
 from miniopy_async.error import MinioException, S3Error
 from miniopy_async.helpers import DictType, genheaders
 
-from dcu.errors import StorageError
-from dcu.settings import MinioSettings
 from events.naming import inside
+from kernel.errors import StorageError
+from kernel.settings import MinioSettings
 
 log = logging.getLogger(__name__)
 

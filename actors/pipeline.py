@@ -27,9 +27,6 @@ from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore, open_store
 from actors.registry_engine import RegistryEngine
 from bus import Bus, Published, connect_options
-from dcu import diagnostics
-from dcu.errors import PermanentFailure
-from dcu.settings import Settings
 from dramatiq_jetstream import (
     DeliveriesExceeded,
     JetStreamBroker,
@@ -39,6 +36,9 @@ from dramatiq_jetstream import (
 )
 from events import subjects
 from events.schema import DecodeError, Event, EventType, Failed, Stage, once_per_task_id
+from kernel import diagnostics
+from kernel.errors import PermanentFailure
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from dcu.settings import DockerSettings, RegistryCredentials
 from events.reference import DEFAULT_REGISTRY
+from kernel.settings import DockerSettings, RegistryCredentials
 
 log = logging.getLogger(__name__)
 

@@ -50,9 +50,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from actors.registry_auth import DockerConfigError, RegistryAuth
-from dcu.errors import ImageNotFound, PermanentFailure, StorageError, UpstreamError
-from dcu.settings import DockerSettings, DownloadSettings, RegistryCredentials
 from events.reference import DEFAULT_REGISTRY
+from kernel.errors import ImageNotFound, PermanentFailure, StorageError, UpstreamError
+from kernel.settings import DockerSettings, DownloadSettings, RegistryCredentials
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ from actors.registry_client import (
     RegistryRefused,
     parse_json_document,
 )
-from dcu.errors import ImageNotFound, PermanentFailure, StorageError, UpstreamError
-from dcu.settings import Settings
 from events import platform as platforms
 from events.naming import PLAN_FILE
 from events.platform import Platform
 from events.reference import DEFAULT_REGISTRY, DEFAULT_TAG, ImageReference
+from kernel.errors import ImageNotFound, PermanentFailure, StorageError, UpstreamError
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

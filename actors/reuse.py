@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from actors.object_store import ObjectInfo, ObjectStore
 from actors.registry_engine import ResolvedImage, repo_tags, reuse_key
-from dcu.errors import StorageError
 from events.naming import UnsafeName, reuse_pointer_name
 from events.reference import ImageReference
 from events.schema import Compressed
+from kernel.errors import StorageError
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,6 @@ from actors.docker_engine import DockerEngine
 from actors.object_store import ObjectStore
 from actors.progress import ProgressReporter
 from actors.registry_engine import ImagePlan, RegistryEngine
-from dcu.errors import PermanentFailure, StorageError
-from dcu.settings import Settings
 from events import naming
 from events.platform import InvalidPlatform, parse_platform
 from events.reference import ImageReference, InvalidReference, parse_reference, registry_refusal
@@ -57,6 +55,8 @@ from events.schema import (
     UploadStarted,
     once_per_task_id,
 )
+from kernel.errors import PermanentFailure, StorageError
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from bus import DUPLICATE_WINDOW, Bus
-from dcu.errors import BusError
-from dcu.settings import Settings
 from events import subjects
 from events.cleanup import CRON_KEYS, CleanupKind, next_tick, scheduled_request
 from events.schema import utcnow
+from kernel.errors import BusError
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``Bus`` (one connection per role) publishes every event family, looks facts up, reads
 a subject's history, opens live subscriptions and durable consumers; ``bus.streams``
-sets the three streams up; every nats-py error becomes ``dcu.errors.BusError``
+sets the three streams up; every nats-py error becomes ``kernel.errors.BusError``
 (``bus.errors``). Subjects come from ``events.subjects``.
 """
 

@@ -28,11 +28,11 @@ from nats.js.errors import APIError, NotFoundError
 
 from bus import streams
 from bus.errors import translating
-from dcu.errors import BusError, UpstreamTimeout
-from dcu.settings import NatsSettings
 from events import subjects
 from events.audit_archive import StoredMessage
 from events.schema import DecodeError, Event, EventType
+from kernel.errors import BusError, UpstreamTimeout
+from kernel.settings import NatsSettings
 
 log = logging.getLogger(__name__)
 

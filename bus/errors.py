@@ -1,5 +1,5 @@
 """NATS errors, translated once: every failure of the client or a JetStream API call
-becomes ``dcu.errors.BusError`` naming what was being done (never the credentials)."""
+becomes ``kernel.errors.BusError`` naming what was being done (never the credentials)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from nats.errors import Error as NatsError
 
-from dcu.errors import BusError
+from kernel.errors import BusError
 
 
 @contextlib.asynccontextmanager

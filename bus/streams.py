@@ -26,8 +26,8 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import NotFoundError
 
 from bus.errors import LegacyStream, translating
-from dcu.settings import NatsSettings
 from events import subjects
+from kernel.settings import NatsSettings
 
 log = logging.getLogger(__name__)
 

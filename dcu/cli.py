@@ -9,7 +9,7 @@ dcu timer     the cleanup timer only (publishes cleanup requests on the cron tic
 
 Exit code 2 is a configuration the command refuses before starting anything: invalid
 settings, an unreadable ``docker.config_file`` for a download worker, or an HTTP role
-(serve, gateway) on a non-loopback address with auth off (``dcu.settings.listen_refusal``).
+(serve, gateway) on a non-loopback address with auth off (``kernel.settings.listen_refusal``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 from aiohttp import web
 
 from bus import Bus
-from dcu import diagnostics
 from dcu.embedded import EmbeddedNats
 from dcu.service import ROLES, StageWorkers, ensure_topology, wait_for_signal
-from dcu.settings import Settings, describe_error, is_loopback, listen_refusal, load_settings
+from kernel import diagnostics
+from kernel.settings import Settings, describe_error, is_loopback, listen_refusal, load_settings
 
 log = logging.getLogger("dcu")
 

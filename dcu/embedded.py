@@ -15,7 +15,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from dcu.errors import BusError
+from kernel.errors import BusError
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from bus import Bus
-from dcu.errors import BusError, DcuError
-from dcu.settings import NatsSettings, Settings
 from events import subjects
+from kernel.errors import BusError, DcuError
+from kernel.settings import NatsSettings, Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from actors.archiver import list_segments, read_segment
 from actors.object_store import ObjectStore, open_store
 from bus import Bus
-from dcu.errors import DcuError
-from dcu.settings import Settings
 from events import subjects
 from events.audit_archive import ArchiveDamaged, Chain, Segment
+from kernel.errors import DcuError
+from kernel.settings import Settings
 from persistence.database import Database
 from persistence.repository import TaskRepository
 from persistence.subscriber import Rebuild, ReplayCounts, rebuild_from_stream

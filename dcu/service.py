@@ -17,8 +17,8 @@ import dramatiq
 from actors.cleanup import CLEANUP_QUEUE, declare_cleanup
 from actors.pipeline import Runtime, build_broker, declare_stage, worker_name
 from bus import Bus
-from dcu.settings import Settings
 from events.schema import Stage
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from typing import Any
 
 from aiohttp import web
 
-from dcu.errors import InvalidInput
 from events import subjects
 from events.cleanup import (
     CleanupCompleted,
@@ -40,6 +39,7 @@ from events.schema import DecodeError
 from gateway import auth, envelope, views
 from gateway.http import read_object, respond
 from gateway.keys import API, BUS, SETTINGS
+from kernel.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from bus import Bus
-from dcu.errors import DcuError, NotFound, Unauthorized
-from dcu.settings import Settings
 from gateway import admin, auth, envelope, events_api, openapi, start, views
 from gateway.http import respond
 from gateway.keys import API, BUS, NATS_URL, SETTINGS
+from kernel.errors import DcuError, NotFound, Unauthorized
+from kernel.settings import Settings
 from persistence import repository
 from persistence.database import close_database, init_database
 from persistence.runner import subscriber_running

@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import hdrs, web
 from pydantic import SecretStr
 
-from dcu.errors import Unauthorized
-from dcu.settings import token_digest
 from gateway.keys import API, SETTINGS
+from kernel.errors import Unauthorized
+from kernel.settings import token_digest
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcu import errors
+from kernel import errors
 
 SUCCESS = "success"
 STARTED = "任务已启动"

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from bus import Bus, LiveSubscription
-from dcu.errors import DcuError, InvalidInput, NotFound
 from events import subjects
 from events.schema import DecodeError, Event, EventType
 from gateway import envelope, views
 from gateway.http import respond
 from gateway.keys import API, BUS, SETTINGS
+from kernel.errors import DcuError, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 

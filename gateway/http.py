@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dcu.errors import InvalidInput
+from kernel.errors import InvalidInput
 
 
 def respond(body: dict[str, Any]) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from bus import Bus
-from dcu.settings import Settings
+from kernel.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 NATS_URL = web.AppKey("nats_url", str)

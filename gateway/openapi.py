@@ -24,13 +24,13 @@ from typing import Any
 
 from aiohttp import web
 
-from dcu.settings import AuthSettings
 from events.limits import IMAGE_NAME_MAX, PLATFORM_MAX, USERNAME_MAX
 from events.platform import DEFAULT_PLATFORM, PLATFORM_PATTERN
 from events.schema import EventType
 from events.states import PROGRESS, TaskState
 from gateway import start, views
 from gateway.keys import API, SETTINGS
+from kernel.settings import AuthSettings
 
 PATH = "/openapi.json"
 VERSION = "3.0.3"

@@ -27,13 +27,6 @@ from datetime import datetime
 
 from aiohttp import web
 
-from dcu.errors import (
-    BusError,
-    Conflict,
-    InvalidInput,
-    NotFound,
-    TooManyRequests,
-)
 from events.limits import IMAGE_NAME_MAX
 from events.platform import InvalidPlatform, parse_platform
 from events.reference import InvalidReference, parse_reference, registry_refusal
@@ -42,6 +35,13 @@ from events.states import TaskState
 from gateway import auth, envelope, views
 from gateway.http import read_object, respond
 from gateway.keys import BUS, SETTINGS
+from kernel.errors import (
+    BusError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+)
 from persistence import repository
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from dcu.errors import InvalidInput
 from events.limits import ID_MAX, IMAGE_NAME_MAX, USERNAME_MAX
 from events.states import TaskState
+from kernel.errors import InvalidInput
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 DEFAULT_PAGE_SIZE = 10

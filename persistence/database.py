@@ -35,7 +35,7 @@ from tortoise.context import TortoiseContext, _current_context
 from tortoise.exceptions import BaseORMException
 from tortoise.migrations.executor import MigrationExecutor
 
-from dcu.errors import DcuError, UpstreamError
+from kernel.errors import DcuError, UpstreamError
 from persistence.models import APP_LABEL
 
 log = logging.getLogger(__name__)

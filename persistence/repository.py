@@ -40,7 +40,6 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from dcu.errors import DcuError, InvalidInput, NotFound
 from events.limits import (
     BUCKET_MAX,
     ERROR_MESSAGE_MAX,
@@ -65,6 +64,7 @@ from events.schema import (
     Uploaded,
 )
 from events.states import TERMINAL_STATES, TaskState, Verdict, decide
+from kernel.errors import DcuError, InvalidInput, NotFound
 from persistence.database import Database, default_database, translated
 from persistence.models import DcuTask, RefusedEvent, TaskDetail, TaskTransition
 

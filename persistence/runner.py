@@ -7,8 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable
 
 from bus import Bus
-from dcu.settings import Settings
 from events.schema import Event
+from kernel.settings import Settings
 from persistence.database import close_database, init_database
 from persistence.repository import TaskRepository
 from persistence.subscriber import PersistenceSubscriber

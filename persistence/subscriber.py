@@ -37,11 +37,11 @@ from datetime import datetime
 from typing import Protocol
 
 from bus import Bus, Delivery, PullConsumer
-from dcu.errors import DcuError
-from dcu.settings import NatsSettings
 from events import subjects
 from events.audit_archive import StoredMessage
 from events.schema import DecodeError, Event, EventType, UnknownEventType, utcnow
+from kernel.errors import DcuError
+from kernel.settings import NatsSettings
 from persistence.database import DatabaseError
 from persistence.repository import ApplyOutcome
 

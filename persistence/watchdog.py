@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from bus import StreamEvent
-from dcu.errors import DcuError
 from events.schema import Event, EventType, Failed, Stage, once_per_task_id, utcnow
 from events.states import TaskState
+from kernel.errors import DcuError
 from persistence.repository import TaskRecord, TaskRepository
 
 log = logging.getLogger(__name__)

@@ -97,7 +97,7 @@ def pushed_images(
 @pytest.fixture
 async def client(nats_server: NatsServer, settings: Any) -> AsyncIterator[Client]:
     """A plain NATS connection to the session's server for a module whose ``settings``
-    fixture (a ``dcu.settings.Settings``) names its streams; deletes them afterwards."""
+    fixture (a ``kernel.settings.Settings``) names its streams; deletes them afterwards."""
     nc = await nats.connect(nats_server.url)
     try:
         yield nc

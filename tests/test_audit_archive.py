@@ -18,10 +18,10 @@ import bus
 from actors.archiver import AuditArchiver, list_segments
 from actors.object_store import ObjectStore, S3ObjectStore
 from dcu.replay import ReplayRefused, replay
-from dcu.settings import ArchiveSettings, MinioSettings, NatsSettings, Settings
 from events import audit_archive, subjects
 from events.cleanup import CleanupEventType, CleanupKind
 from events.schema import Progress
+from kernel.settings import ArchiveSettings, MinioSettings, NatsSettings, Settings
 from persistence.database import Database
 from persistence.repository import TaskRepository
 from tests.persistence.conftest import Timeline

@@ -483,7 +483,7 @@ def _dockerfile_env() -> dict[str, str]:
 def test_the_gateway_container_starts_only_with_tokens(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcu.settings import listen_refusal, load_settings
+    from kernel.settings import listen_refusal, load_settings
 
     # Given the image's environment, then the gateway service's, over the image's config
     for key in os.environ:

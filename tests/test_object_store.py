@@ -16,8 +16,8 @@ import pytest
 
 from actors import object_store
 from actors.object_store import LocalObjectStore, ObjectStore, S3ObjectStore
-from dcu.errors import StorageError
-from dcu.settings import MinioSettings
+from kernel.errors import StorageError
+from kernel.settings import MinioSettings
 
 MIB = 1024 * 1024
 PART = 5 * MIB  # the smallest part S3 accepts, so that a few MiB make a multipart upload

@@ -26,8 +26,6 @@ from actors.object_store import S3ObjectStore
 from actors.pipeline import Runtime
 from actors.registry_engine import RegistryEngine
 from bus import Bus
-from dcu.errors import BusError
-from dcu.settings import Settings, load_settings
 from events import naming, subjects
 from events.reference import parse_reference
 from events.schema import (
@@ -39,6 +37,8 @@ from events.schema import (
     Requested,
     once_per_task_id,
 )
+from kernel.errors import BusError
+from kernel.settings import Settings, load_settings
 from tests.servers.oci import layer_tar, push_image
 
 IMAGE = "nginx:latest"

@@ -18,10 +18,10 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 import bus
 from dcu.migrate import migrate_streams
 from dcu.replay import ReplayRefused, replay
-from dcu.settings import NatsSettings, Settings
 from events import subjects
 from events.cleanup import CleanupEventType, CleanupKind
 from events.schema import Event, Progress
+from kernel.settings import NatsSettings, Settings
 from persistence.database import Database
 from persistence.repository import TaskRepository
 from tests.persistence.conftest import Timeline

@@ -15,10 +15,10 @@ import pytest
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
 from actors.pipeline import FailTaskWhenGivenUp
-from dcu.errors import BusError, PermanentFailure
-from dcu.settings import Settings, StorageSettings
 from dramatiq_jetstream import Retries
 from events.schema import Event, EventType, once_per_task_id
+from kernel.errors import BusError, PermanentFailure
+from kernel.settings import Settings, StorageSettings
 from tests.broker.conftest import JetStreamEnv, Recorder, declare, unique
 
 

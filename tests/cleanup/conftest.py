@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from actors.object_store import ObjectStore, open_store
 from bus import Bus as NatsBus
-from dcu.settings import MinioSettings, NatsSettings, Settings, StorageSettings
+from kernel.settings import MinioSettings, NatsSettings, Settings, StorageSettings
 from tests.servers.nats import NatsServer
 from tests.servers.s3 import S3Server
 

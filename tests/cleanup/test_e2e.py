@@ -20,9 +20,9 @@ from pydantic import SecretStr
 
 from actors import reuse
 from actors.object_store import S3ObjectStore
-from dcu.settings import MinioSettings
 from events import naming
 from events.reference import parse_reference
+from kernel.settings import MinioSettings
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import EventRecorder
 from tests.servers.dcu_process import DcuProcess

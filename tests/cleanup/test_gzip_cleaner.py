@@ -12,8 +12,8 @@ import pytest
 
 from actors.blob_cache import BlobCache
 from actors.cleanup import clean_gzip, run_cleanup
-from dcu.settings import load_settings
 from events.cleanup import CleanupKind
+from kernel.settings import load_settings
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 OLD = (NOW - timedelta(days=2)).timestamp()  # retention is 1 day

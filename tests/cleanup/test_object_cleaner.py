@@ -13,8 +13,8 @@ import pytest
 
 from actors.cleanup import clean_objects
 from actors.object_store import ObjectInfo, ObjectStore
-from dcu.errors import StorageError
 from events.cleanup import CleanupKind
+from kernel.errors import StorageError
 
 
 async def put(store: ObjectStore, tmp_path: Path, name: str, size: int) -> str:

@@ -136,7 +136,7 @@ def test_an_invalid_schedule_is_refused_naming_its_key(field: str, key: str) -> 
     # The settings refuse it (for every role, not only the timer), naming the key once
     from pydantic import ValidationError
 
-    from dcu.settings import Settings, describe_error
+    from kernel.settings import Settings, describe_error
 
     with pytest.raises(ValidationError) as caught:
         Settings.model_validate({"storage": {field: "0 25 * * *"}})

@@ -18,7 +18,7 @@ import nats.errors
 import nats.js.errors
 from miniopy_async import Minio
 
-from dcu.settings import NatsSettings
+from kernel.settings import NatsSettings
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.s3 import S3Server
 

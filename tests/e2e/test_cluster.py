@@ -14,7 +14,7 @@ from typing import Any
 import nats
 import pytest
 
-from dcu.settings import NatsSettings
+from kernel.settings import NatsSettings
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import stream_events
 from tests.servers.dcu_process import DcuProcess

@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 
 from bus import Bus
-from dcu.settings import NatsSettings, Settings
 from events.schema import DownloadStarted, Event, Failed, Progress
 from gateway import events_api
 from gateway.keys import API, BUS, SETTINGS
+from kernel.settings import NatsSettings, Settings
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import STAGE_EVENTS
 from tests.servers.base import free_port

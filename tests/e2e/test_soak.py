@@ -22,7 +22,7 @@ import nats
 import pytest
 
 from actors.object_store import S3ObjectStore
-from dcu.settings import MinioSettings, NatsSettings
+from kernel.settings import MinioSettings, NatsSettings
 from persistence.subscriber import consumer_name, progress_consumer_name
 from tests.e2e.conftest import service_config
 from tests.e2e.test_scaling import _rows

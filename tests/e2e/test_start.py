@@ -24,11 +24,11 @@ import pytest
 from nats.js.api import StreamConfig
 
 from bus import Bus, Published
-from dcu.errors import BusError
-from dcu.settings import NatsSettings, Settings
 from events.schema import Event, EventType, Requested, once_per_task_id
 from gateway import start
 from gateway.keys import BUS, SETTINGS
+from kernel.errors import BusError
+from kernel.settings import NatsSettings, Settings
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import TIME_RE, service_transitions
 from tests.servers.dcu_process import DcuProcess

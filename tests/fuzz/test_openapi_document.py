@@ -8,10 +8,10 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 
-from dcu.settings import ServerSettings, Settings
 from gateway import envelope, openapi
 from gateway.app import create_app
 from gateway.keys import API, SETTINGS
+from kernel.settings import ServerSettings, Settings
 
 NATS_URL = "nats://127.0.0.1:4222"  # never connected: the apps are not started
 

@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from schemathesis import Case, CheckContext, Response
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from dcu.settings import ServerSettings, Settings
 from gateway import openapi
 from gateway.app import create_app
+from kernel.settings import ServerSettings, Settings
 from tests.fuzz.conftest import MAX_EXAMPLES, MAX_PAGE_SIZE, Tally
 from tests.servers.dcu_process import DcuProcess
 

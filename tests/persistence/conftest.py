@@ -18,7 +18,6 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus import Bus
-from dcu.settings import NatsSettings
 from events.schema import (
     Compressed,
     CompressStarted,
@@ -32,6 +31,7 @@ from events.schema import (
     Uploaded,
     UploadStarted,
 )
+from kernel.settings import NatsSettings
 from persistence.database import Database
 from persistence.repository import TaskRepository
 from tests.servers.nats import NatsServer

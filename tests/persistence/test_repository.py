@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import pytest
 
-from dcu.errors import InvalidInput, NotFound
 from events.schema import (
     Compressed,
     Downloaded,
@@ -18,6 +17,7 @@ from events.schema import (
     Requested,
 )
 from events.states import LEGAL_TRANSITIONS, TaskState, Verdict, decide
+from kernel.errors import InvalidInput, NotFound
 from persistence.database import Database, DatabaseError
 from persistence.repository import (
     ERROR_MESSAGE_MAX,

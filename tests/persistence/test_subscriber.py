@@ -15,11 +15,11 @@ import pytest
 from nats.js import JetStreamContext
 
 from bus import Bus
-from dcu.errors import BusError, NotFound
-from dcu.settings import NatsSettings
 from events import subjects
 from events.schema import Event, EventType
 from events.states import TaskState
+from kernel.errors import BusError, NotFound
+from kernel.settings import NatsSettings
 from persistence.database import Database, DatabaseError
 from persistence.repository import ApplyOutcome, TaskRepository
 from persistence.subscriber import (

@@ -13,7 +13,6 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from bus import Bus, StreamEvent
-from dcu.settings import NatsSettings
 from events import subjects
 from events.schema import (
     Downloaded,
@@ -23,6 +22,7 @@ from events.schema import (
     Failed,
     once_per_task_id,
 )
+from kernel.settings import NatsSettings
 from persistence.repository import TaskRepository
 from persistence.watchdog import StuckTaskWatchdog
 from tests.persistence.conftest import T0, Timeline

@@ -29,8 +29,8 @@ from actors.registry_client import (
     check_target,
     parse_challenge,
 )
-from dcu.errors import ImageNotFound
-from dcu.settings import DockerSettings, DownloadSettings, RegistryCredentials
+from kernel.errors import ImageNotFound
+from kernel.settings import DockerSettings, DownloadSettings, RegistryCredentials
 
 BLOB = os.urandom(3 * 1024 * 1024 + 123)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()

@@ -16,9 +16,9 @@ from actors.registry_engine import (
     repository_path,
     reuse_key,
 )
-from dcu.settings import load_settings
 from events.platform import parse_platform
 from events.reference import parse_reference
+from kernel.settings import load_settings
 from tests.servers.base import free_port
 from tests.servers.oci import layer_tar, push_image
 

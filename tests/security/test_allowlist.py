@@ -9,9 +9,9 @@ import nats
 import pytest
 
 from bus import Bus
-from dcu.settings import NatsSettings
 from events.reference import parse_reference, registry_refusal
 from events.schema import Event, Requested
+from kernel.settings import NatsSettings
 from tests.e2e.helpers import stream_events
 from tests.security.conftest import GATEWAY_ALLOWED, JENKINS_TOKEN, call
 from tests.servers.dcu_process import DcuProcess

@@ -12,10 +12,10 @@ import pytest
 from openapi_spec_validator import validate
 from pydantic import ValidationError
 
-from dcu.settings import AuthSettings, Settings, describe_error, load_settings
 from gateway import openapi
 from gateway.app import create_app
 from gateway.auth import TokenTable
+from kernel.settings import AuthSettings, Settings, describe_error, load_settings
 from tests.security.conftest import (
     GATEWAY_TOKENS,
     JENKINS_TOKEN,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dcu.settings import AuthSettings, ServerSettings, Settings, is_loopback, listen_refusal
+from kernel.settings import AuthSettings, ServerSettings, Settings, is_loopback, listen_refusal
 from tests.security.conftest import JENKINS_TOKEN, call, gateway_config
 from tests.servers.dcu_process import DCU, DcuProcess
 from tests.servers.nats import NatsServer

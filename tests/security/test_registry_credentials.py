@@ -19,9 +19,9 @@ from actors.registry_auth import (
     read_docker_config,
     registry_key,
 )
-from dcu.errors import EngineError, ImageNotFound
-from dcu.settings import DockerSettings, RegistryCredentials
 from events.reference import parse_reference
+from kernel.errors import EngineError, ImageNotFound
+from kernel.settings import DockerSettings, RegistryCredentials
 from tests.security.conftest import docker_auth, gateway_config
 from tests.servers.dcu_process import DCU
 from tests.servers.nats import NatsServer

@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from actors.object_store import S3ObjectStore
-from dcu.errors import StorageError
-from dcu.settings import MinioSettings
+from kernel.errors import StorageError
+from kernel.settings import MinioSettings
 from tests.security.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.servers.base import ManagedProcess, free_port, port_open, wait_until
 from tests.servers.s3 import moto_server_binary

@@ -124,7 +124,7 @@ class DcuProcess:
         )
 
     def stack_dump(self, timeout: float = 10) -> str:
-        """SIGUSR1 (dcu.diagnostics) to this process and its ``companions``: every thread's
+        """SIGUSR1 (kernel.diagnostics) to this process and its ``companions``: every thread's
         and task's stack, then the end of each log."""
         reports = []
         for process in [self, *self.companions]:

@@ -27,7 +27,7 @@ from actors.archive import (
     inspect_layer,
     write_archive,
 )
-from dcu.errors import InvalidInput, PermanentFailure, StorageError
+from kernel.errors import InvalidInput, PermanentFailure, StorageError
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
