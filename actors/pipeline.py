@@ -58,9 +58,8 @@ def worker_name(role: str) -> str:
 class Runtime:
     """Per-process clients for the stage actors, bound to the actors' event loop."""
 
-    def __init__(self, settings: Settings, nats_url: str, name: str) -> None:
+    def __init__(self, settings: Settings, name: str) -> None:
         self.settings = settings
-        self.nats_url = nats_url
         self.name = name
         self._bus: Bus | None = None
         self._engine: DockerEngine | None = None
@@ -74,7 +73,7 @@ class Runtime:
         async with self._lock:
             if self._bus is None:
                 diagnostics.register_loop(f"actors ({self.name})", asyncio.get_running_loop())
-                self._bus = await Bus.connect(self.nats_url, self.settings.nats, self.name)
+                self._bus = await Bus.connect(self.settings.nats.url, self.settings.nats, self.name)
             return self._bus
 
     async def publish(self, event: Event) -> None:
@@ -200,7 +199,7 @@ def _task_id_of(message: MessageProxy) -> str | None:
     return None
 
 
-def build_broker(settings: Settings, nats_url: str, runtime: Runtime) -> JetStreamBroker:
+def build_broker(settings: Settings, runtime: Runtime) -> JetStreamBroker:
     workers = settings.workers
     middleware: list[Middleware] = [
         AsyncIO(),
@@ -214,7 +213,7 @@ def build_broker(settings: Settings, nats_url: str, runtime: Runtime) -> JetStre
         ),
     ]
     return JetStreamBroker(
-        url=nats_url,
+        url=settings.nats.url,
         stream=settings.nats.work_stream,
         subject_prefix=settings.nats.subject_prefix,
         ack_wait=settings.nats.ack_wait,

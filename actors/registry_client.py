@@ -51,8 +51,9 @@ from aiohttp.resolver import DefaultResolver
 
 from actors.registry_auth import DockerConfigError, RegistryAuth
 from events.reference import DEFAULT_REGISTRY
+from kernel.docker_config import RegistryCredentials
 from kernel.errors import ImageNotFound, PermanentFailure, StorageError, UpstreamError
-from kernel.settings import DockerSettings, DownloadSettings, RegistryCredentials
+from kernel.settings import DockerSettings, DownloadSettings
 
 log = logging.getLogger(__name__)
 

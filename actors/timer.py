@@ -66,14 +66,12 @@ class CleanupTimer:
     def __init__(
         self,
         settings: Settings,
-        nats_url: str,
         *,
         clock: Clock = utcnow,
         sleep: Sleep = asyncio.sleep,
         name: str | None = None,
     ) -> None:
         self.settings = settings
-        self.nats_url = nats_url
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:timer"
         self._clock = clock
         self._sleep = sleep
@@ -82,7 +80,7 @@ class CleanupTimer:
     async def run(self, stop: asyncio.Event) -> None:
         """Publish ticks until ``stop`` is set. Raises BusError when NATS cannot be
         reached at start; later outages only cost the ticks they outlast."""
-        bus = await Bus.connect(self.nats_url, self.settings.nats, self.name)
+        bus = await Bus.connect(self.settings.nats.url, self.settings.nats, self.name)
         try:
             log.info(
                 "cleanup timer %s started: %s",

@@ -8,7 +8,8 @@ dcu persist   the persistence subscriber only
 dcu timer     the cleanup timer only (publishes cleanup requests on the cron ticks)
 
 Exit code 2 is a configuration the command refuses before starting anything: invalid
-settings, an unreadable ``docker.config_file`` for a download worker, or an HTTP role
+settings (``kernel.errors.ConfigError``: a bad key, an unreadable config file or
+``docker.config_file``), or an HTTP role
 (serve, gateway) on a non-loopback address with auth off (``kernel.settings.listen_refusal``).
 """
 
@@ -19,18 +20,15 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
-
-from bus import Bus
-from dcu.embedded import EmbeddedNats
-from dcu.service import ROLES, StageWorkers, ensure_topology, wait_for_signal
+from dcu.migrate import NothingToMigrate, migrate_streams
+from dcu.replay import ReplayRefused, replay
+from dcu.service import ROLES, RolePlan, ensure_topology, nats_resolved, run_roles
 from kernel import diagnostics
-from kernel.settings import Settings, describe_error, is_loopback, listen_refusal, load_settings
+from kernel.errors import ConfigError
+from kernel.settings import Settings, listen_refusal, load_settings
 
 log = logging.getLogger("dcu")
 
@@ -46,141 +44,13 @@ def _configure_logging(settings: Settings) -> None:
         )
 
 
-async def _run_archiver(settings: Settings, nats_url: str, stop: asyncio.Event) -> None:
-    from actors.archiver import AuditArchiver
-    from actors.object_store import open_store
-
-    connection = await Bus.connect(nats_url, settings.nats, "dcu-archiver")
-    store = open_store(settings.minio)
-    try:
-        await AuditArchiver(settings, connection, store).run(stop)
-    finally:
-        await store.close()
-        await connection.close()
-
-
-async def _run(
-    settings: Settings,
-    *,
-    http: bool,
-    persist: bool,
-    stages: list[str],
-    timer: bool = False,
-    archiver: bool = False,
-) -> int:
-    from actors.timer import CleanupTimer
-    from gateway.app import create_app
-    from persistence.runner import run_persistence
-
-    embedded: EmbeddedNats | None = None
-    nats_url = settings.nats.url
-    if not nats_url:
-        embedded = EmbeddedNats(Path(settings.nats.data_dir))
-        nats_url = await asyncio.to_thread(embedded.start)
-    if not settings.minio.endpoint and stages:
-        log.warning(
-            "minio.endpoint is empty: archives are stored under %s, not in S3",
-            Path(settings.minio.local_path).resolve(),
-        )
-    workers: StageWorkers | None = None
-    runner: web.AppRunner | None = None
-    stop = asyncio.Event()
-    # Handled from here on, not only once every role is up: a SIGTERM while the roles
-    # start (slow on a loaded host) still stops the process cleanly, with exit code 0.
-    loop = asyncio.get_running_loop()
-    diagnostics.register_loop("main", loop)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    timer_task: asyncio.Task[None] | None = None
-    archiver_task: asyncio.Task[None] | None = None
-    exit_code = 0
-    try:
-        await ensure_topology(settings, nats_url)
-        if timer:
-            timer_task = asyncio.create_task(CleanupTimer(settings, nats_url).run(stop))
-            # A timer that ends by itself (NATS unreachable at start) stops the process.
-            timer_task.add_done_callback(lambda _: stop.set())
-        if archiver:
-            archiver_task = asyncio.create_task(_run_archiver(settings, nats_url, stop))
-        if stages:
-            workers = StageWorkers(settings, nats_url, stages)
-            workers.start()
-        if http:
-            app = create_app(settings, nats_url, with_persistence=persist)
-            # Request lines and headers up to 64 KiB reach the gateway (and get its
-            # enveloped 400s); aiohttp's own parser answers longer ones in plain text.
-            runner = web.AppRunner(
-                app,
-                handle_signals=False,
-                max_line_size=MAX_REQUEST_LINE,
-                max_field_size=MAX_REQUEST_LINE,
-            )
-            await runner.setup()
-            site = web.TCPSite(runner, settings.server.host, settings.server.port)
-            await site.start()
-            log.info(
-                "gateway listening on http://%s:%d/api/dcu (auth %s)",
-                settings.server.host,
-                settings.server.port,
-                "on" if settings.auth.enabled else "off",
-            )
-            if not settings.auth.enabled and not is_loopback(settings.server.host):
-                log.warning(
-                    "the gateway is reachable beyond this host without authentication "
-                    "(server.allow_unauthenticated)"
-                )
-            await wait_for_signal(stop)
-        elif persist:
-            await run_persistence(settings, nats_url, until=wait_for_signal(stop))
-        else:
-            await wait_for_signal(stop)
-    finally:
-        log.info("shutting down")
-        stop.set()
-        if timer_task is not None:
-            await asyncio.wait({timer_task}, timeout=10)
-            timer_task.cancel()
-            (outcome,) = await asyncio.gather(timer_task, return_exceptions=True)
-            if isinstance(outcome, Exception):
-                log.error("cleanup timer failed: %s", outcome)
-                exit_code = 1
-        if archiver_task is not None:
-            (outcome,) = await asyncio.gather(archiver_task, return_exceptions=True)
-            if isinstance(outcome, Exception):
-                log.error("audit archiver failed: %s", outcome)
-        if runner is not None:
-            await runner.cleanup()
-        if workers is not None:
-            await asyncio.to_thread(workers.stop)
-        if embedded is not None:
-            embedded.stop()
-    return exit_code
-
-
-@contextlib.asynccontextmanager
-async def _nats_url(settings: Settings) -> AsyncIterator[str]:
-    """The configured NATS, or the embedded server's own store started for the command."""
-    if settings.nats.url:
-        yield settings.nats.url
-        return
-    embedded = EmbeddedNats(Path(settings.nats.data_dir))
-    url = await asyncio.to_thread(embedded.start)
-    try:
-        yield url
-    finally:
-        embedded.stop()
-
-
 async def _replay(
     settings: Settings, target_url: str, *, allow_partial: bool, from_archive: bool
 ) -> int:
-    from dcu.replay import ReplayRefused, replay
-
-    async with _nats_url(settings) as nats_url:
+    async with nats_resolved(settings) as settings:
         try:
             report = await replay(
                 settings,
-                nats_url,
                 target_url,
                 allow_partial=allow_partial,
                 from_archive=from_archive,
@@ -200,8 +70,8 @@ async def _replay(
 
 
 async def _setup(settings: Settings, *, apply: bool) -> int:
-    async with _nats_url(settings) as nats_url:
-        found = await ensure_topology(settings, nats_url, apply=apply)
+    async with nats_resolved(settings) as settings:
+        found = await ensure_topology(settings, apply=apply)
     for stream, changes in found.items():
         for change in changes:
             print(f"{stream}: {change}")
@@ -213,11 +83,9 @@ async def _setup(settings: Settings, *, apply: bool) -> int:
 
 
 async def _migrate(settings: Settings, *, delete_old: bool) -> int:
-    from dcu.migrate import NothingToMigrate, migrate_streams
-
-    async with _nats_url(settings) as nats_url:
+    async with nats_resolved(settings) as settings:
         try:
-            report = await migrate_streams(settings, nats_url, delete_old=delete_old)
+            report = await migrate_streams(settings, delete_old=delete_old)
         except NothingToMigrate as exc:
             print(f"dcu migrate-streams: {exc}", file=sys.stderr)
             return 1
@@ -285,8 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MAX_REQUEST_LINE = 64 * 1024  # bytes of a request line or header the gateway reads
-
 # glibc's mallopt parameters (malloc.h); no Python package exposes them.
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
@@ -312,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     diagnostics.install()
     try:
         settings = load_settings(args.config)
-    except Exception as exc:
-        print(f"dcu: bad configuration: {describe_error(exc)}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"dcu: bad configuration: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings)
     command = args.command
@@ -335,27 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dcu: {refusal}", file=sys.stderr)
         return 2
     roles = list(ROLES) if command == "serve" else list(dict.fromkeys(getattr(args, "stages", [])))
-    if "download" in roles and settings.docker.config_file:
-        from actors.registry_auth import DockerConfigError, RegistryAuth
-
-        try:
-            RegistryAuth(settings.docker).load()
-        except DockerConfigError as exc:
-            print(f"dcu: bad configuration: {exc}", file=sys.stderr)
-            return 2
     timer = command in {"serve", "timer"}
     code = 0
     with contextlib.suppress(KeyboardInterrupt):
-        code = asyncio.run(
-            _run(
-                settings,
-                http=command in {"serve", "gateway"},
-                persist=command in {"serve", "persist"},
-                stages=roles,
-                timer=timer,
-                archiver=command == "archiver" or (command == "serve" and settings.archive.enabled),
-            )
+        plan = RolePlan(
+            http=command in {"serve", "gateway"},
+            persist=command in {"serve", "persist"},
+            stages=roles,
+            timer=timer,
+            archiver=command == "archiver" or (command == "serve" and settings.archive.enabled),
         )
+        code = asyncio.run(run_roles(settings, plan))
     return code
 
 

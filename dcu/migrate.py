@@ -112,16 +112,14 @@ async def _spool(bus: Bus, settings: NatsSettings, spool: BinaryIO) -> int:
     return count
 
 
-async def migrate_streams(
-    settings: Settings, nats_url: str, *, delete_old: bool = False
-) -> MigrationReport:
+async def migrate_streams(settings: Settings, *, delete_old: bool = False) -> MigrationReport:
     """Run the migration described in the module docstring.
 
     Raises NothingToMigrate when the old stream is missing; BusError when NATS fails.
     """
     nats = settings.nats
     prefix = nats.subject_prefix
-    bus = await Bus.connect(nats_url, nats, "dcu-migrate")
+    bus = await Bus.connect(nats.url, nats, "dcu-migrate")
     try:
         old_subjects = await bus.stream_subjects(nats.stream)
         if old_subjects is None:

@@ -40,7 +40,6 @@ class ReplayReport:
 
 async def replay(
     settings: Settings,
-    nats_url: str,
     target_url: str,
     *,
     allow_partial: bool = False,
@@ -59,7 +58,7 @@ async def replay(
     edited segment; BusError, StorageError or DatabaseError when a part fails.
     """
     stream = settings.nats.audit_stream
-    connection = await Bus.connect(nats_url, settings.nats, "dcu-replay")
+    connection = await Bus.connect(settings.nats.url, settings.nats, "dcu-replay")
     try:
         first, last, messages = await connection.stream_state(stream)
         store = open_store(settings.minio) if from_archive else None

@@ -1,7 +1,8 @@
 """The aiohttp application: routes, the error middleware and the resources it owns.
 
-Resources (NATS connection, database, optional persistence subscriber) live in
-``app.cleanup_ctx``: opened before ``yield``, closed after it, in reverse order.
+Resources (the database and the NATS connection) live in ``app.cleanup_ctx``: opened
+before ``yield``, closed after it, in reverse order. Handlers reach them through the
+typed keys of ``gateway.keys`` (``REPOSITORY``, ``BUS``); nothing here is module-global.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from aiohttp import web
 from bus import Bus
 from gateway import admin, auth, envelope, events_api, openapi, start, views
 from gateway.http import respond
-from gateway.keys import API, BUS, NATS_URL, SETTINGS
+from gateway.keys import API, BUS, REPOSITORY, SETTINGS
 from kernel.errors import DcuError, NotFound, Unauthorized
 from kernel.settings import Settings
-from persistence import repository
-from persistence.database import close_database, init_database
-from persistence.runner import subscriber_running
+from persistence.database import Database
+from persistence.repository import TaskDetailRecord, TaskRepository
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ async def task_status(request: web.Request) -> web.Response:
     knows it, BusError when the stream cannot be read, DatabaseError."""
     task_id = views.check_task_id(request.match_info["task_id"])
     task: views.TaskLike
+    repository = request.app[REPOSITORY]
     try:
         task = await repository.get(task_id)
     except NotFound:
@@ -75,7 +76,7 @@ async def task_status(request: web.Request) -> web.Response:
     return respond(envelope.ok(views.task_view(task, datetime.now(UTC), _detail_view(detail))))
 
 
-def _detail_view(detail: repository.TaskDetailRecord | None) -> dict[str, Any]:
+def _detail_view(detail: TaskDetailRecord | None) -> dict[str, Any]:
     if detail is None:
         return {}
     total = detail.stage_bytes_total
@@ -104,7 +105,7 @@ def _detail_view(detail: repository.TaskDetailRecord | None) -> dict[str, Any]:
 async def query_tasks(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     params = views.parse_query(request.query, settings.server.max_page_size)
-    total, items = await repository.query(
+    total, items = await request.app[REPOSITORY].query(
         docker_image_name=params.docker_image_name,
         username=params.username,
         state=params.state,
@@ -118,7 +119,7 @@ async def query_tasks(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     checks = {"nats": "connected" if request.app[BUS].connected else "disconnected"}
     try:
-        await repository.ping()
+        await request.app[REPOSITORY].ping()
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
@@ -132,38 +133,29 @@ async def health(request: web.Request) -> web.Response:
 
 async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[BUS] = await Bus.connect(app[NATS_URL], settings.nats, "dcu-gateway")
+    app[BUS] = await Bus.connect(settings.nats.url, settings.nats, "dcu-gateway")
     yield
     await app[BUS].close()
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
-    await init_database(app[SETTINGS].database.tortoise_url())
+    database = await Database.open(app[SETTINGS].database.tortoise_url())
+    app[REPOSITORY] = TaskRepository(database)
     yield
-    await close_database()
+    await database.close()
 
 
-async def _persistence_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with subscriber_running(app[SETTINGS], app[NATS_URL]):
-        yield
-
-
-def create_app(
-    settings: Settings, nats_url: str, *, with_persistence: bool = False
-) -> web.Application:
-    """The gateway; ``with_persistence`` also runs the persistence subscriber in it."""
+def create_app(settings: Settings) -> web.Application:
+    """The gateway on ``settings`` (``settings.nats.url`` is the NATS it publishes to)."""
     app = web.Application(
         middlewares=[envelope_errors, auth.require_token],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[NATS_URL] = nats_url
     start.setup(app)
     auth.setup(app)
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_nats_ctx)
-    if with_persistence:
-        app.cleanup_ctx.append(_persistence_ctx)
     app.router.add_post(f"{API}/start", start.start_task)
     app.router.add_get(f"{API}/status/{{task_id}}", task_status)
     app.router.add_get(f"{API}/query", query_tasks)

@@ -6,9 +6,10 @@ from aiohttp import web
 
 from bus import Bus
 from kernel.settings import Settings
+from persistence.repository import TaskRepository
 
 SETTINGS = web.AppKey("settings", Settings)
-NATS_URL = web.AppKey("nats_url", str)
 BUS = web.AppKey("bus", Bus)  # the gateway's NATS connection
+REPOSITORY = web.AppKey("repository", TaskRepository)  # the gateway's database
 
 API = "/api/dcu"

@@ -34,7 +34,7 @@ from events.schema import DecodeError, Event, EventType, Requested, once_per_tas
 from events.states import TaskState
 from gateway import auth, envelope, views
 from gateway.http import read_object, respond
-from gateway.keys import BUS, SETTINGS
+from gateway.keys import BUS, REPOSITORY, SETTINGS
 from kernel.errors import (
     BusError,
     Conflict,
@@ -42,7 +42,7 @@ from kernel.errors import (
     NotFound,
     TooManyRequests,
 )
-from persistence import repository
+from persistence.repository import TaskDetailRecord, TaskRecord, TaskRepository
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class PendingStarts:
     def add(self, username: str, task_id: str) -> None:
         self._tasks.setdefault(username, {})[task_id] = self._clock()
 
-    async def count(self, username: str) -> int:
+    async def count(self, username: str, repository: TaskRepository) -> int:
         """How many of ``username``'s published tasks have no row yet; raises DatabaseError."""
         now = self._clock()
         for user in list(self._tasks):
@@ -86,7 +86,7 @@ class PendingStarts:
                 del self._tasks[user]
         tasks = self._tasks.get(username, {})
         for task_id in list(tasks):
-            if await _row(task_id) is not None:
+            if await _row(repository, task_id) is not None:
                 del tasks[task_id]
         return len(tasks)
 
@@ -161,12 +161,12 @@ class StreamTask:
         )
 
 
-def stream_detail(event: Event) -> repository.TaskDetailRecord | None:
+def stream_detail(event: Event) -> TaskDetailRecord | None:
     """The details the subscriber records when it creates the task from ``event``."""
     assert isinstance(event.payload, Requested)
     if event.payload.platform is None:
         return None
-    return repository.TaskDetailRecord(task_id=event.task_id, platform=event.payload.platform)
+    return TaskDetailRecord(task_id=event.task_id, platform=event.payload.platform)
 
 
 async def stored_request(app: web.Application, task_id: str) -> Event | None:
@@ -185,7 +185,7 @@ async def stored_request(app: web.Application, task_id: str) -> Event | None:
     return event
 
 
-async def _row(task_id: str) -> repository.TaskRecord | None:
+async def _row(repository: TaskRepository, task_id: str) -> TaskRecord | None:
     try:
         return await repository.get(task_id)
     except NotFound:
@@ -207,7 +207,7 @@ async def _existing_state(app: web.Application, event: Event, key: str) -> TaskS
     wanted = event.payload
     assert isinstance(wanted, Requested)
     stored = await stored_request(app, event.task_id)
-    row = await _row(event.task_id)
+    row = await _row(app[REPOSITORY], event.task_id)
     if stored is None and row is None:
         return None
     if stored is not None:
@@ -219,7 +219,7 @@ async def _existing_state(app: web.Application, event: Event, key: str) -> TaskS
         first = _describe(stored.payload)
     else:
         assert row is not None
-        detail = await repository.get_detail(event.task_id)
+        detail = await app[REPOSITORY].get_detail(event.task_id)
         platform = None if detail is None else detail.platform
         same = row.docker_image_name == wanted.docker_image_name and (
             wanted.platform is None or platform in (None, wanted.platform)
@@ -275,8 +275,8 @@ async def _start(app: web.Application, event: Event, key: str | None) -> TaskSta
     assert isinstance(payload, Requested)
     limit = app[SETTINGS].server.max_active_tasks_per_user
     if limit:
-        pending = await app[PENDING].count(payload.username)
-        active = pending + await repository.count_active(payload.username)
+        pending = await app[PENDING].count(payload.username, app[REPOSITORY])
+        active = pending + await app[REPOSITORY].count_active(payload.username)
         if active >= limit:
             log.warning(
                 "start by %s refused: %d unfinished tasks, limit %d",
@@ -360,7 +360,7 @@ async def start_task(request: web.Request) -> web.Response:
 
 async def stream_task(
     app: web.Application, task_id: str
-) -> tuple[StreamTask, repository.TaskDetailRecord | None] | None:
+) -> tuple[StreamTask, TaskDetailRecord | None] | None:
     """The task as its ``requested`` event in the stream shows it (idle), for a status
     query that found no row; None when the stream has none. Raises BusError."""
     event = await stored_request(app, task_id)

@@ -56,6 +56,10 @@ class ImageNotFound(PermanentFailure):
     pass
 
 
+class ConfigError(DcuError):
+    """Settings a command refuses before starting anything (exit code 2)."""
+
+
 class UpstreamError(DcuError):
     pass
 

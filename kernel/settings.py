@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     Field,
@@ -27,11 +28,14 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
 from events.cleanup import check_cron
 from events.platform import DEFAULT_PLATFORM, InvalidPlatform, parse_platform
+from kernel.docker_config import DockerConfigError, RegistryCredentials, read_docker_config
+from kernel.errors import ConfigError
 
 DEFAULT_CONFIG = Path("configs/config.yaml")
 
@@ -208,11 +212,6 @@ class NatsSettings(BaseModel):
         return value
 
 
-class RegistryCredentials(BaseModel):
-    username: str
-    password: SecretStr
-
-
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 
@@ -230,6 +229,19 @@ class DockerSettings(BaseModel):
     # from; empty allows any. Checked by the gateway and again by the download stage.
     allowed_registries: list[str] = Field(default_factory=list)
     pull_timeout: float = Field(default=1800, gt=0)
+
+    @field_validator("config_file")
+    @classmethod
+    def _readable_config(cls, value: str) -> str:
+        """A named file must be there and well-formed: a typo fails at start, not on the
+        first pull. Every role checks it (settings do not know the role); a role that
+        does not pull can leave the key unset."""
+        if value:
+            try:
+                read_docker_config(Path(value))
+            except DockerConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("allowed_registries")
     @classmethod
@@ -433,17 +445,19 @@ def listen_refusal(settings: Settings) -> str | None:
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Read ``path`` (if it exists), then ``DCU_*`` environment variables, then overrides.
 
-    Raises pydantic's ValidationError naming each bad key.
+    Raises ConfigError naming each bad key (never echoing a value) or the unreadable file.
     """
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
     _config_file.clear()
     if path is not None:
         if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist")
         _config_file["path"] = path
     try:
         settings = Settings(**overrides)
+    except (ValidationError, SettingsError, yaml.YAMLError, OSError) as exc:
+        raise ConfigError(describe_error(exc)) from None
     finally:
         _config_file.clear()
     if not settings.docker.host:

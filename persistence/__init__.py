@@ -1,6 +1,6 @@
 """Persistence: the task tables, the repository over them and the stream subscriber.
 
-* ``persistence.database``: open/migrate/close a database (``init_database``).
+* ``persistence.database``: open, migrate and close a database (``Database.open``).
 * ``persistence.repository``: ``TaskRepository`` and its frozen records.
 * ``persistence.subscriber``: ``PersistenceSubscriber`` and ``rebuild_from_stream``.
 

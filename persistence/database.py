@@ -288,36 +288,6 @@ def _safe(url: str) -> str:
     return f"{scheme}{sep}{user}@{host}"
 
 
-_default: Database | None = None
-
-
-async def init_database(url: str) -> None:
-    """Open ``url`` as the process's default database and migrate it.
-
-    Calling it again for another URL closes the previous default first. Raises
-    DatabaseError (and ValueError for an unsupported URL) as ``Database.open`` does.
-    """
-    global _default
-    if _default is not None:
-        await close_database()
-    _default = await Database.open(url)
-
-
-async def close_database() -> None:
-    """Close the default database; a no-op when none is open."""
-    global _default
-    database, _default = _default, None
-    if database is not None:
-        await database.close()
-
-
-def default_database() -> Database:
-    """The database ``init_database`` opened; raises RuntimeError before it ran."""
-    if _default is None:
-        raise RuntimeError("init_database() has not been called")
-    return _default
-
-
 async def migrate(url: str) -> list[str]:
     """Migrate the database at ``url`` and close it; returns the migration names applied."""
     database = await Database.open(url, migrate=False)

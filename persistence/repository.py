@@ -19,9 +19,9 @@ keyed by stream position, so the subscriber can terminate them without losing th
 Callers get frozen dataclasses, never Tortoise objects. Every method raises
 ``persistence.database.DatabaseError`` when the database fails, and ``UnstorableEvent``
 (not a DatabaseError: retrying cannot help) when the event holds a value the database
-driver cannot encode or the database refuses as data. The module-level functions
-(``get``, ``query``, ``create_if_absent``, ``ping``...) do the same on the database
-``init_database`` opened.
+driver cannot encode or the database refuses as data. A repository is bound to the one
+``Database`` it is built with; the roles that use one (gateway, persistence, replay) each
+open their own.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from events.schema import (
 )
 from events.states import TERMINAL_STATES, TaskState, Verdict, decide
 from kernel.errors import DcuError, InvalidInput, NotFound
-from persistence.database import Database, default_database, translated
+from persistence.database import Database, translated
 from persistence.models import DcuTask, RefusedEvent, TaskDetail, TaskTransition
 
 log = logging.getLogger(__name__)
@@ -418,14 +418,10 @@ def _effects(event: Event, start_time: datetime) -> _Effects:
 
 
 class TaskRepository:
-    """Reads and writes the task tables of one database (default: ``init_database``'s)."""
+    """Reads and writes the task tables of one open database."""
 
-    def __init__(self, database: Database | None = None) -> None:
-        self._database = database
-
-    @property
-    def database(self) -> Database:
-        return self._database if self._database is not None else default_database()
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     async def _run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         with self.database.activate(), translated(what), _storable(what):
@@ -889,97 +885,3 @@ class TaskRepository:
             await self.database.client.execute_query("SELECT 1")
 
         await self._run("database does not answer", select_one)
-
-
-# -- the default repository -----------------------------------------------------------
-# Module-level shortcuts over the database ``init_database`` opened, for callers that do
-# not hold a TaskRepository (the gateway). Each raises RuntimeError before init_database.
-
-
-async def apply(event: Event, stream_seq: int | None = None) -> ApplyOutcome:
-    """``TaskRepository.apply`` on the default database."""
-    return await TaskRepository().apply(event, stream_seq)
-
-
-async def create_if_absent(event: Event) -> TaskRecord:
-    """``TaskRepository.create_if_absent`` on the default database."""
-    return await TaskRepository().create_if_absent(event)
-
-
-async def get(task_id: str) -> TaskRecord:
-    """``TaskRepository.get`` on the default database (raises NotFound)."""
-    return await TaskRepository().get(task_id)
-
-
-async def get_detail(task_id: str) -> TaskDetailRecord | None:
-    """``TaskRepository.get_detail`` on the default database."""
-    return await TaskRepository().get_detail(task_id)
-
-
-async def transitions(task_id: str) -> list[TransitionRecord]:
-    """``TaskRepository.transitions`` on the default database."""
-    return await TaskRepository().transitions(task_id)
-
-
-async def query(
-    *,
-    docker_image_name: str | None = None,
-    username: str | None = None,
-    state: TaskState | None = None,
-    page: int = 1,
-    page_size: int = 20,
-) -> tuple[int, list[TaskRecord]]:
-    """``TaskRepository.query`` on the default database (raises InvalidInput)."""
-    return await TaskRepository().query(
-        docker_image_name=docker_image_name,
-        username=username,
-        state=state,
-        page=page,
-        page_size=page_size,
-    )
-
-
-async def active_tasks(older_than: datetime) -> list[TaskRecord]:
-    """``TaskRepository.active_tasks`` on the default database."""
-    return await TaskRepository().active_tasks(older_than)
-
-
-async def count_active(username: str) -> int:
-    """``TaskRepository.count_active`` on the default database."""
-    return await TaskRepository().count_active(username)
-
-
-async def record_refused(
-    *,
-    stream: str,
-    stream_seq: int,
-    subject: str,
-    reason: str,
-    raw: bytes,
-    time: datetime,
-    event_id: str | None = None,
-    task_id: str | None = None,
-    event_type: str | None = None,
-) -> bool:
-    """``TaskRepository.record_refused`` on the default database."""
-    return await TaskRepository().record_refused(
-        stream=stream,
-        stream_seq=stream_seq,
-        subject=subject,
-        reason=reason,
-        raw=raw,
-        time=time,
-        event_id=event_id,
-        task_id=task_id,
-        event_type=event_type,
-    )
-
-
-async def refused_events(limit: int = 100) -> list[RefusedEventRecord]:
-    """``TaskRepository.refused_events`` on the default database (raises InvalidInput)."""
-    return await TaskRepository().refused_events(limit)
-
-
-async def ping() -> None:
-    """``TaskRepository.ping`` on the default database."""
-    await TaskRepository().ping()

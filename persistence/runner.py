@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 
 from bus import Bus
 from events.schema import Event
 from kernel.settings import Settings
-from persistence.database import close_database, init_database
+from persistence.database import Database
 from persistence.repository import TaskRepository
 from persistence.subscriber import PersistenceSubscriber
 from persistence.watchdog import StuckTaskWatchdog
 
 
 @contextlib.asynccontextmanager
-async def subscriber_running(settings: Settings, nats_url: str) -> AsyncIterator[None]:
-    """The subscriber and the watchdog on the role's own NATS connection; the database
-    must already be open."""
-    bus = await Bus.connect(nats_url, settings.nats, "dcu-persistence")
+async def persistence_running(settings: Settings) -> AsyncIterator[None]:
+    """The subscriber and the watchdog on the role's own database and NATS connection
+    (``settings.nats.url``), stopped in reverse order of start when the block ends."""
+    database = await Database.open(settings.database.tortoise_url())
     try:
-        repository = TaskRepository()
+        async with _subscriber_running(settings, TaskRepository(database)):
+            yield
+    finally:
+        await database.close()
+
+
+@contextlib.asynccontextmanager
+async def _subscriber_running(
+    settings: Settings, repository: TaskRepository
+) -> AsyncIterator[None]:
+    bus = await Bus.connect(settings.nats.url, settings.nats, "dcu-persistence")
+    try:
         subscriber = PersistenceSubscriber(
             bus,
             repository,
@@ -53,12 +64,3 @@ async def subscriber_running(settings: Settings, nats_url: str) -> AsyncIterator
             await subscriber.stop(grace=settings.workers.shutdown_grace)
     finally:
         await bus.close()
-
-
-async def run_persistence(settings: Settings, nats_url: str, until: Awaitable[None]) -> None:
-    await init_database(settings.database.tortoise_url())
-    try:
-        async with subscriber_running(settings, nats_url):
-            await until
-    finally:
-        await close_database()

@@ -134,20 +134,20 @@ async def test_replay_from_the_archive_rebuilds_what_the_stream_forgot(
     await deletable_streams(client, settings)
     await publish_tasks(client, settings, 3)
     live = f"sqlite://{tmp_path / 'live.db'}"
-    await replay(settings, nats_server.url, live)  # the database as it is with every fact
+    await replay(settings, live)  # the database as it is with every fact
     # Given: the first facts are archived, later ones only in the stream
     await AuditArchiver(settings, bus.Bus(client, settings.nats), store).archive_once()
     await publish_tasks(client, settings, 1)
-    await replay(settings, nats_server.url, live)
+    await replay(settings, live)
     # When: the stream forgets its head (the first 12 facts)
     js = client.jetstream()
     for seq in range(1, 13):
         await js.delete_msg(settings.nats.audit_stream, seq)
     with pytest.raises(ReplayRefused, match="--from-archive"):
-        await replay(settings, nats_server.url, f"sqlite://{tmp_path / 'plain.db'}")
+        await replay(settings, f"sqlite://{tmp_path / 'plain.db'}")
 
     rebuilt = f"sqlite://{tmp_path / 'rebuilt.db'}"
-    report = await replay(settings, nats_server.url, rebuilt, from_archive=True)
+    report = await replay(settings, rebuilt, from_archive=True)
 
     # Then: the rebuild from archive and stream equals the database of every fact
     assert not report.partial and report.archived == 3 * FACTS
@@ -180,5 +180,5 @@ async def test_a_damaged_archive_is_refused(
         expected = "gap before"
 
     with pytest.raises(ReplayRefused, match=expected):
-        await replay(settings, nats_server.url, f"sqlite://{tmp_path / 'x.db'}", from_archive=True)
+        await replay(settings, f"sqlite://{tmp_path / 'x.db'}", from_archive=True)
     assert not (tmp_path / "x.db").exists()

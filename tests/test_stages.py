@@ -333,11 +333,13 @@ async def test_a_failed_task_on_a_real_stream_is_not_compressed(
     # Given a real stream holding the task's ``failed`` event, and the workers' own
     # publisher and last-message-by-subject lookup (``Runtime``)
     tag = uuid.uuid4().hex[:8]
-    settings = _settings(tmp_path, nats={"stream": f"T{tag}", "subject_prefix": f"t{tag}"})
+    settings = _settings(
+        tmp_path, nats={"url": nats_server.url, "stream": f"T{tag}", "subject_prefix": f"t{tag}"}
+    )
     prefix = settings.nats.subject_prefix
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    runtime = Runtime(settings, nats_server.url, "stage-tests")
+    runtime = Runtime(settings, "stage-tests")
     try:
         await Bus(nc, settings.nats).ensure_streams()
         task_id = str(uuid.uuid4())

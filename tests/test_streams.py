@@ -143,13 +143,11 @@ async def test_replay_refuses_a_stream_whose_head_is_gone(
     await js.delete_msg(nats_settings.audit_stream, 1)
 
     with pytest.raises(ReplayRefused, match="no longer starts at its first fact"):
-        await replay(settings, nats_server.url, f"sqlite://{tmp_path / 'refused.db'}")
+        await replay(settings, f"sqlite://{tmp_path / 'refused.db'}")
 
     # Then: nothing was written; with --allow-partial it rebuilds what is left and says so
     assert not (tmp_path / "refused.db").exists()
-    report = await replay(
-        settings, nats_server.url, f"sqlite://{tmp_path / 'partial.db'}", allow_partial=True
-    )
+    report = await replay(settings, f"sqlite://{tmp_path / 'partial.db'}", allow_partial=True)
     assert report.partial and report.first_seq == 2
     assert report.counts.tasks == 1
     assert report.counts.applied == len(first.happy_path()) - 1 + len(second.happy_path())
@@ -166,7 +164,7 @@ async def test_replay_of_a_whole_stream_is_not_partial(
     for event in timeline.happy_path():
         await publish(js, event, settings.nats.subject_prefix)
 
-    report = await replay(settings, nats_server.url, f"sqlite://{tmp_path / 'whole.db'}")
+    report = await replay(settings, f"sqlite://{tmp_path / 'whole.db'}")
 
     assert not report.partial and report.first_seq == 1
     assert (report.counts.tasks, report.counts.applied) == (1, len(timeline.happy_path()))
@@ -201,7 +199,7 @@ async def test_migration_moves_the_facts_of_the_single_stream_in_order(
     await js.publish(f"{prefix}.queue.download", b"{}", headers={"Nats-Msg-Id": "q-1"})
     await js.publish(f"{prefix}.dead.download", b'{"error":"x"}', headers={"Nats-Msg-Id": "d-1"})
 
-    report = await migrate_streams(settings, nats_server.url)
+    report = await migrate_streams(settings)
 
     assert (report.read, report.facts, report.dead_letters, report.skipped) == (
         len(facts) + 4,
@@ -219,7 +217,7 @@ async def test_migration_moves_the_facts_of_the_single_stream_in_order(
     assert await bus.ensure_streams(js, nats_settings) == {}
     # Run again (a migration that stopped half-way is resumed): nothing is copied twice,
     # and the old stream is deleted once the copy is complete
-    again = await migrate_streams(settings, nats_server.url, delete_old=True)
+    again = await migrate_streams(settings, delete_old=True)
     assert again.old_stream_deleted and again.facts == len(facts) + 1
     assert (await js.stream_info(audit)).state.messages == len(facts) + 1
     names = [str(i.config.name) for i in await js.streams_info()]

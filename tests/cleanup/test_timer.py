@@ -64,7 +64,7 @@ async def test_two_timers_put_each_tick_on_the_bus_once(
         clock = FakeClock(now=START, horizon=TICK + timedelta(hours=1))
         timers.append(
             (
-                CleanupTimer(settings, event_bus.url, clock=clock, sleep=clock.sleep, name=name),
+                CleanupTimer(settings, clock=clock, sleep=clock.sleep, name=name),
                 clock,
             )
         )
@@ -97,7 +97,7 @@ async def test_two_timers_put_each_tick_on_the_bus_once(
 async def test_a_tick_noticed_too_late_is_skipped_not_replayed(event_bus: Bus) -> None:
     # Given a host that oversleeps by five minutes (suspended, say)
     clock = FakeClock(now=START, horizon=TICK + timedelta(hours=1), overshoot=300)
-    timer = CleanupTimer(event_bus.dcu_settings(), event_bus.url, clock=clock, sleep=clock.sleep)
+    timer = CleanupTimer(event_bus.dcu_settings(), clock=clock, sleep=clock.sleep)
 
     # When the timer wakes up well past the tick
     await run_until_parked([(timer, clock)], loops=2)
@@ -111,7 +111,7 @@ async def test_the_next_tick_follows_the_cron_expression(event_bus: Bus) -> None
         cleanup_gzip_cron="*/10 * * * *", cleanup_minio_cron="0 0 1 1 *"
     )
     clock = FakeClock(now=START, horizon=START + timedelta(minutes=25))
-    timer = CleanupTimer(settings, event_bus.url, clock=clock, sleep=clock.sleep)
+    timer = CleanupTimer(settings, clock=clock, sleep=clock.sleep)
 
     await run_until_parked([(timer, clock)], loops=2)
 

@@ -13,12 +13,10 @@ from gateway.app import create_app
 from gateway.keys import API, SETTINGS
 from kernel.settings import ServerSettings, Settings
 
-NATS_URL = "nats://127.0.0.1:4222"  # never connected: the apps are not started
-
 
 def build(max_page_size: int = 100) -> dict[str, Any]:
     settings = Settings(server=ServerSettings(max_page_size=max_page_size))
-    return openapi.document(create_app(settings, NATS_URL))
+    return openapi.document(create_app(settings))
 
 
 def test_the_document_is_valid_openapi() -> None:
@@ -29,7 +27,7 @@ def test_the_document_is_valid_openapi() -> None:
 
 
 def test_every_route_of_the_app_is_described_by_hand() -> None:
-    app = create_app(Settings(), NATS_URL)
+    app = create_app(Settings())
     document = openapi.document(app)
     routes = {
         (route.resource.canonical.removeprefix(API), route.method.lower())

@@ -107,7 +107,7 @@ def fuzzed_document() -> dict[str, Any]:
     only its routes are read. ``test_the_service_serves_the_fuzzed_document`` proves the
     running service serves exactly this."""
     settings = Settings(server=ServerSettings(max_page_size=MAX_PAGE_SIZE))
-    return openapi.document(create_app(settings, "nats://127.0.0.1:4222"))
+    return openapi.document(create_app(settings))
 
 
 # Loaded at collection so schemathesis can make one test per operation; its lazy loader

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,9 @@ from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
 from events.schema import Downloaded
 from events.states import TaskState
 from persistence import database as database_module
-from persistence import repository
 from persistence.database import (
     Database,
     DatabaseError,
-    close_database,
-    default_database,
-    init_database,
     migrate,
     tortoise_config,
 )
@@ -136,35 +131,6 @@ async def test_a_database_of_the_first_schema_is_upgraded_in_place(
         assert (detail.fetched_bytes, detail.cached_bytes) == (3, 4)
     finally:
         await database.close()
-
-
-async def test_the_default_database_can_be_initialised_twice(
-    database_urls: Callable[[], str],
-) -> None:
-    url = database_urls()
-    try:
-        await init_database(url)
-        await init_database(url)
-        timeline = Timeline()
-        requested = timeline.requested()
-        record = await repository.create_if_absent(requested)
-        assert await repository.apply(requested, 1) is ApplyOutcome.DUPLICATE
-        assert await repository.apply(timeline.failed(), 2) is ApplyOutcome.APPLIED
-        assert (await repository.get(timeline.task_id)).state is TaskState.FAILED
-        assert await repository.get_detail(timeline.task_id) is None
-        assert len(await repository.transitions(timeline.task_id)) == 2
-        assert await repository.query(state=TaskState.IDLE) == (0, [])
-        assert await repository.active_tasks(requested.time + timedelta(days=1)) == []
-        await repository.ping()
-        assert record.task_id == timeline.task_id
-        assert default_database().url == url
-    finally:
-        await close_database()
-        await close_database()
-    with pytest.raises(RuntimeError):
-        default_database()
-    with pytest.raises(RuntimeError):
-        await repository.ping()
 
 
 async def test_models_and_migrations_agree(database: Database) -> None:

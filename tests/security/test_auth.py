@@ -118,7 +118,7 @@ def test_tokens_come_from_json_in_the_environment(
 
 def document(**auth: Any) -> dict[str, Any]:
     settings = Settings(auth=AuthSettings.model_validate({"tokens": GATEWAY_TOKENS, **auth}))
-    built = openapi.document(create_app(settings, "nats://127.0.0.1:4222"))
+    built = openapi.document(create_app(settings))
     validate(built)
     return built
 

@@ -12,16 +12,17 @@ import pytest
 from aiodocker.exceptions import DockerError
 
 from actors.docker_engine import DockerEngine, _translate, redact
-from actors.registry_auth import (
+from actors.registry_auth import RegistryAuth
+from events.reference import parse_reference
+from kernel.docker_config import (
     DockerConfigError,
-    RegistryAuth,
+    RegistryCredentials,
     parse_docker_config,
     read_docker_config,
     registry_key,
 )
-from events.reference import parse_reference
 from kernel.errors import EngineError, ImageNotFound
-from kernel.settings import DockerSettings, RegistryCredentials
+from kernel.settings import DockerSettings
 from tests.security.conftest import docker_auth, gateway_config
 from tests.servers.dcu_process import DCU
 from tests.servers.nats import NatsServer
@@ -202,5 +203,6 @@ def test_a_download_worker_with_a_broken_config_file_exits_2(
         check=False,
     )
     assert result.returncode == 2, result.stderr
-    assert f"dcu: bad configuration: {config_file}: auths['r.example'].auth" in result.stderr
+    message = f"dcu: bad configuration: docker.config_file: {config_file}: auths['r.example'].auth"
+    assert message in result.stderr
     assert SECRET not in result.stderr + result.stdout
