@@ -14,6 +14,8 @@ import re
 import uuid
 from pathlib import Path
 
+from events.limits import SHA256_HEX_LEN
+
 ARCHIVE_SUFFIX = ".tar.gz"
 PLAN_FILE = "plan.json"  # the registry engine's download plan, in the task's work dir
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -72,7 +74,7 @@ def object_name(prefix: str, task_id: str, reference: str) -> str:
 
 def is_sha256_hex(text: str) -> bool:
     """64 lower-case hex digits: a sha256 as DCU names blobs, reuse keys and cache files."""
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+    return len(text) == SHA256_HEX_LEN and all(c in "0123456789abcdef" for c in text)
 
 
 def inside(root: Path, candidate: Path) -> bool:

@@ -10,13 +10,16 @@
     ├── TooManyRequests         a per-user limit is reached; try again later (429)
     ├── PermanentFailure        a stage failure that retrying cannot fix
     │   └── ImageNotFound       the engine or registry says the image does not exist
+    ├── ConfigError             settings a command refuses before starting (exit code 2)
     └── UpstreamError           an external system failed (engine, registry, S3, NATS, disk)
         ├── EngineError
         ├── StorageError
         ├── BusError
         └── UpstreamTimeout     also an asyncio.TimeoutError
 
-The HTTP mapping lives in the gateway only.
+Subclasses defined beside the code that raises them (``DatabaseError``,
+``RegistryRefused``, ``UnstorableEvent``, ``ReplayRefused``...) and the whole tree are
+drawn in docs/architecture.md. The HTTP mapping lives in the gateway only.
 """
 
 from __future__ import annotations

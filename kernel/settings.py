@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from events.cleanup import check_cron
+from events.limits import USERNAME_MAX  # a token's name is the task's username
 from events.platform import DEFAULT_PLATFORM, InvalidPlatform, parse_platform
 from kernel.docker_config import DockerConfigError, RegistryCredentials, read_docker_config
 from kernel.errors import ConfigError
@@ -55,7 +56,6 @@ class ServerSettings(BaseModel):
 
 
 TOKEN_MIN_LENGTH = 16
-TOKEN_NAME_MAX = 100  # the task's username column
 HASHED_PREFIX = "sha256:"
 _HASHED = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: an HTTP header value
@@ -84,9 +84,9 @@ class AuthSettings(BaseModel):
         # Messages name the entry, never its value.
         owners: dict[bytes, str] = {}
         for name, secret in tokens.items():
-            if name != name.strip() or not name or len(name) > TOKEN_NAME_MAX:
+            if name != name.strip() or not name or len(name) > USERNAME_MAX:
                 raise ValueError(
-                    f"token name {name[:TOKEN_NAME_MAX]!r} must be 1-{TOKEN_NAME_MAX} "
+                    f"token name {name[:USERNAME_MAX]!r} must be 1-{USERNAME_MAX} "
                     "characters without surrounding spaces"
                 )
             if not name.isprintable():
