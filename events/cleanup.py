@@ -15,9 +15,11 @@ gateway) and reports with a ``completed`` event naming the request::
                                 "bytes_freed": 201326592, "kept": 5, "errors": [],
                                 "seconds": 0.004}}
 
-Subjects are ``<prefix>.cleanup.<kind>.<type>``. As with task events, decoding ignores
-unknown fields, encoding drops ``None`` values and a decode failure raises
-``DecodeError`` keeping the raw bytes.
+Subjects are ``<prefix>.cleanup.<kind>.<type>``. ``CleanupEvent`` is the generic envelope
+of ``events.schema`` (``Envelope``) with ``kind`` as its key, so everything said there
+holds here too: payloads are pydantic models validated when built or decoded (limits from
+``events.limits``), decoding ignores unknown fields, encoding drops ``None`` values, and
+a decode failure raises ``DecodeError`` keeping the raw bytes.
 
 Cron expressions are evaluated in UTC, so every timer replica computes the same tick
 wherever it runs. Plain Python: croniter is a pure-Python library, no framework.
@@ -25,24 +27,30 @@ wherever it runs. Plain Python: croniter is a pure-Python library, no framework.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, Protocol, TypeVar
 
 from croniter import CroniterError, croniter
+from pydantic import Field, Strict, StringConstraints
 
+from events.limits import CLEANUP_ERROR_MAX, CLEANUP_ERRORS_MAX
 from events.naming import is_sha256_hex
 from events.schema import (
-    SCHEMA_VERSION,
-    DecodeError,
-    decode_json,
-    encode_json,
+    NO_SURROGATES,
+    Count,
+    Envelope,
+    EventId,
+    EventPayload,
+    Figure,
+    PayloadModels,
+    Text,
+    Timestamp,
     format_time,
-    parse_time,
+    tagged_by_type,
     utcnow,
 )
 
@@ -73,8 +81,8 @@ RETENTION_KEYS: dict[CleanupKind, str] = {
 }
 
 # A completed event carries at most this many error strings (plus one "… more" line).
-MAX_ERRORS = 20
-_ERROR_CHARS = 200
+MAX_ERRORS = CLEANUP_ERRORS_MAX
+_ERROR_CHARS = CLEANUP_ERROR_MAX
 
 
 def parse_kind(value: object) -> CleanupKind:
@@ -87,77 +95,42 @@ def parse_kind(value: object) -> CleanupKind:
 
 # -- events ---------------------------------------------------------------------------
 
+CleanupError = Annotated[
+    str, Strict(), StringConstraints(max_length=CLEANUP_ERROR_MAX), NO_SURROGATES
+]
 
-@dataclass(frozen=True, slots=True)
-class CleanupPayload:
+
+class CleanupPayload(EventPayload):
+    """Base of every cleanup event payload."""
+
     type: ClassVar[CleanupEventType]
 
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CleanupPayload:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True, slots=True)
 class CleanupRequested(CleanupPayload):
     """A run is wanted. ``scheduled_for`` is the cron tick (None for an admin request)."""
 
     type: ClassVar[CleanupEventType] = CleanupEventType.REQUESTED
     reason: Reason
-    requested_by: str
-    scheduled_for: datetime | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"reason": str(self.reason), "requested_by": self.requested_by}
-        if self.scheduled_for is not None:
-            data["scheduled_for"] = format_time(self.scheduled_for)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CleanupRequested:
-        scheduled = data.get("scheduled_for")
-        return cls(
-            reason=Reason(data["reason"]),
-            requested_by=str(data.get("requested_by", "")),
-            scheduled_for=parse_time(str(scheduled)) if scheduled is not None else None,
-        )
+    requested_by: Text = ""
+    """The timer (``host:pid:timer``) or the operator's name."""
+    scheduled_for: Timestamp | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class CleanupCompleted(CleanupPayload):
     """A run finished. ``errors`` lists what could not be removed; the run still counts."""
 
     type: ClassVar[CleanupEventType] = CleanupEventType.COMPLETED
-    request_id: str
-    deleted: int
-    bytes_freed: int
-    kept: int
-    errors: tuple[str, ...] = ()
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["errors"] = list(self.errors)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CleanupCompleted:
-        errors = data.get("errors") or []
-        if not isinstance(errors, list):
-            raise TypeError("errors is not a list")
-        return cls(
-            request_id=str(data["request_id"]),
-            deleted=int(data["deleted"]),
-            bytes_freed=int(data["bytes_freed"]),
-            kept=int(data.get("kept", 0)),
-            errors=tuple(str(e) for e in errors),
-            seconds=float(data.get("seconds", 0.0)),
-        )
+    request_id: EventId
+    """The ``event_id`` of the request this run answers."""
+    deleted: Count
+    bytes_freed: Count
+    kept: Count = 0
+    """What the cleaner would own but left alone (too young, or a symlink)."""
+    errors: tuple[CleanupError, ...] = Field(default=(), max_length=CLEANUP_ERRORS_MAX + 1)
+    seconds: Figure = 0.0
 
 
-_PAYLOADS: dict[CleanupEventType, type[CleanupPayload]] = {
+CLEANUP_PAYLOADS: dict[CleanupEventType, type[CleanupPayload]] = {
     CleanupEventType.REQUESTED: CleanupRequested,
     CleanupEventType.COMPLETED: CleanupCompleted,
 }
@@ -171,21 +144,39 @@ def tick_msg_id(kind: CleanupKind, tick: datetime) -> str:
     return f"cleanup-{kind}-{format_time(tick)}"
 
 
-@dataclass(frozen=True, slots=True)
-class CleanupEvent:
+CleanupPayloadField = Annotated[CleanupPayload, tagged_by_type(CLEANUP_PAYLOADS)]
+
+
+class CleanupEvent(Envelope[CleanupEventType, CleanupPayloadField]):
     """One fact about one cleanup run. ``event_id`` is also its JetStream ``Nats-Msg-Id``,
     except for scheduled requests, whose message id is :func:`tick_msg_id` (see
     :attr:`msg_id`)."""
 
     kind: CleanupKind
-    payload: CleanupPayload
-    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    time: datetime = field(default_factory=utcnow)
-    schema_version: int = SCHEMA_VERSION
 
-    @property
-    def type(self) -> CleanupEventType:
-        return self.payload.type
+    what: ClassVar[str] = "cleanup event"
+    payloads: ClassVar[PayloadModels] = CLEANUP_PAYLOADS
+    wire_order: ClassVar[tuple[str, ...]] = (
+        "event_id",
+        "kind",
+        "type",
+        "schema_version",
+        "time",
+        "payload",
+    )
+
+    if TYPE_CHECKING:  # the signature type checkers see; pydantic's takes keywords
+
+        def __init__(
+            self,
+            *,
+            kind: CleanupKind,
+            payload: CleanupPayload,
+            event_id: str = ...,
+            time: datetime = ...,
+            schema_version: int = ...,
+            type: CleanupEventType = ...,
+        ) -> None: ...
 
     @property
     def msg_id(self) -> str:
@@ -199,43 +190,6 @@ class CleanupEvent:
         ):
             return tick_msg_id(self.kind, payload.scheduled_for)
         return self.event_id
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "kind": str(self.kind),
-            "type": str(self.type),
-            "schema_version": self.schema_version,
-            "time": format_time(self.time),
-            "payload": self.payload.to_dict(),
-        }
-
-    def encode(self) -> bytes:
-        return encode_json(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, data: Any, raw: bytes = b"") -> CleanupEvent:
-        """Build an event from decoded JSON; raises DecodeError when it is not one."""
-        if not isinstance(data, dict):
-            raise DecodeError("cleanup event is not a JSON object", raw)
-        try:
-            event_type = CleanupEventType(data["type"])
-            payload_data = data.get("payload") or {}
-            if not isinstance(payload_data, dict):
-                raise TypeError("payload is not an object")
-            return cls(
-                kind=CleanupKind(data["kind"]),
-                payload=_PAYLOADS[event_type].from_dict(payload_data),
-                event_id=str(data["event_id"]),
-                time=parse_time(str(data["time"])),
-                schema_version=int(data.get("schema_version", SCHEMA_VERSION)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DecodeError(f"not a DCU cleanup event: {exc!r}", raw) from exc
-
-    @classmethod
-    def decode(cls, raw: bytes) -> CleanupEvent:
-        return cls.from_dict(decode_json(raw, "cleanup event"), raw)
 
 
 def scheduled_request(

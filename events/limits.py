@@ -1,8 +1,9 @@
 """How long the values DCU accepts and stores may be, each defined once.
 
 The seed's ``dcu_tasks`` columns (SPEC.md section 4) set most of them; the gateway's
-validators, the OpenAPI document, the Tortoise models and the repository's checks all
-read them from here. (The migrations keep their literal values: they are history.)
+validators, the OpenAPI document, the Tortoise models and the event models of
+``events.schema`` and ``events.cleanup`` (hence the AsyncAPI document) all read them from
+here. (The migrations keep their literal values: they are history.)
 """
 
 from __future__ import annotations
@@ -20,3 +21,9 @@ STAGE_MAX = 20  # a stage or engine name
 MANIFEST_DIGEST_MAX = 100
 PLATFORM_MAX = 64  # ``os/arch/variant``
 STREAM_NAME_MAX = 255  # a JetStream stream name (``dcu_refused_events.stream``)
+COUNT_MAX = 2**63 - 1  # a byte or item count in an event: fits a BIGINT column
+CLEANUP_ERRORS_MAX = 20  # error strings a cleanup ``completed`` event lists (plus "… more")
+CLEANUP_ERROR_MAX = 200  # characters of one of them
+IDEMPOTENCY_KEY_MAX = 200  # characters of an ``Idempotency-Key`` header (POST /start)
+PAGE_MAX = 1_000_000  # the ``page`` of ``GET /query`` (its ``page_size``: server.max_page_size)
+CLEANUP_TIMEOUT_MAX = 600  # seconds ``POST /cleanup`` may wait for the run's completion

@@ -8,9 +8,12 @@ rebuilds identical rows.
 
 A state change is judged by ``events.states.decide`` and written with a guarded update
 (``... WHERE task_id = ? AND state = <expected>``); zero rows changed is a conflict that is
-recorded, not ignored. Refused events (illegal, already there, unknown task, invalid) are
+recorded, not ignored. Refused events (illegal, already there, unknown task) are
 recorded in the transition log with ``applied = False`` and the reason; ``apply`` never
-raises for them. Once a task is terminal its row and details no longer change.
+raises for them. Once a task is terminal its row and details no longer change. Values are
+not checked again here: the event models (``events.schema``) validated them when the
+event was built or decoded, with the column limits of ``events.limits``; only NUL, which
+payload text may hold and PostgreSQL text may not, is replaced.
 
 Stream messages that cannot be recorded as task events at all (not an event, an unknown
 type, a value the driver cannot encode) are kept by ``record_refused`` in their own table,
@@ -29,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,19 +42,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from events.limits import (
-    BUCKET_MAX,
-    ERROR_MESSAGE_MAX,
-    ID_MAX,
-    IMAGE_ID_MAX,
-    IMAGE_NAME_MAX,
-    MANIFEST_DIGEST_MAX,
-    OBJECT_NAME_MAX,
-    PLATFORM_MAX,
-    SHA256_HEX_LEN,
-    STAGE_MAX,
-    USERNAME_MAX,
-)
+from events.limits import ERROR_MESSAGE_MAX, ID_MAX
 from events.schema import (
     Compressed,
     Downloaded,
@@ -74,7 +64,6 @@ T = TypeVar("T")
 
 TRUNCATION_MARK = " …[truncated]"
 DURATION_MAX_MS = 2**31 - 1  # INTEGER column
-BIGINT_MAX = 2**63 - 1
 SQLITE_TAKE_WRITE_LOCK = 'UPDATE "dcu_tasks" SET "id" = "id" WHERE 1 = 0'
 # How often a write that lost a race (unique constraint) is judged again.
 WRITE_ATTEMPTS = 3
@@ -96,7 +85,6 @@ class ApplyOutcome(enum.StrEnum):
     ILLEGAL = "illegal"  # the state machine refuses the move; logged, no change
     CONFLICT = "conflict"  # the guarded update matched no row; logged, no change
     UNKNOWN_TASK = "unknown_task"  # no such task; logged, no change
-    INVALID = "invalid"  # a value does not fit its column; logged (when possible)
     PROGRESS = "progress"  # live progress stored in the task's details
 
 
@@ -270,33 +258,10 @@ def _refused_record(row: RefusedEvent) -> RefusedEventRecord:
     )
 
 
-class _Invalid(Exception):
-    """An event value that cannot be stored; the message names the field."""
-
-
-def _text(value: Any, name: str, limit: int | None = None) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"{name} is not a string")
-    text: str = value.replace("\x00", "\ufffd")  # PostgreSQL refuses NUL in text
-    if limit is not None and len(text) > limit:
-        raise _Invalid(f"{name} is longer than {limit} characters")
-    return text
-
-
-def _count(value: Any, name: str, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Invalid(f"{name} is not a number")
-    if not math.isfinite(value) or not 0 <= value <= BIGINT_MAX:
-        raise _Invalid(f"{name} is out of range")
-    return int(value)
-
-
-def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _Invalid("rate is not a finite number")
-    return float(value)
+def _text(value: str) -> str:
+    """Payload text as a column takes it: PostgreSQL refuses NUL, which the event schema
+    allows in payload text (ids never hold one)."""
+    return value.replace("\x00", "\ufffd")
 
 
 def _task_record(row: DcuTask) -> TaskRecord:
@@ -362,19 +327,20 @@ class _Effects:
     detail: dict[str, Any]
 
 
-def _image_facts(platform: Any, manifest_digest: Any = None) -> dict[str, Any]:
+def _image_facts(platform: str | None, manifest_digest: str | None = None) -> dict[str, Any]:
     """The platform and manifest digest an event names; one it leaves out (None) is not
-    returned, so the value recorded earlier stays. Raises _Invalid as ``_text`` does."""
+    returned, so the value recorded earlier stays."""
     facts: dict[str, Any] = {}
     if platform is not None:
-        facts["platform"] = _text(platform, "platform", PLATFORM_MAX)
+        facts["platform"] = _text(platform)
     if manifest_digest is not None:
-        facts["manifest_digest"] = _text(manifest_digest, "manifest_digest", MANIFEST_DIGEST_MAX)
+        facts["manifest_digest"] = _text(manifest_digest)
     return facts
 
 
 def _effects(event: Event, start_time: datetime) -> _Effects:
-    """The field effects of ``event``; raises _Invalid when a value cannot be stored.
+    """The field effects of ``event`` (its values fit their columns: the event schema
+    validated them).
 
     ``Requested`` is not handled here: ``TaskRepository._create_task`` creates the task.
     """
@@ -382,33 +348,28 @@ def _effects(event: Event, start_time: datetime) -> _Effects:
     task: dict[str, Any] = {}
     detail: dict[str, Any] = {}
     if isinstance(payload, Downloaded):
-        detail["image_id"] = _text(payload.image_id, "image_id", IMAGE_ID_MAX)
-        detail["tar_bytes"] = _count(payload.bytes, "bytes")
-        detail["engine"] = _text(payload.engine, "engine", STAGE_MAX)
+        detail["image_id"] = _text(payload.image_id)
+        detail["tar_bytes"] = payload.bytes
+        detail["engine"] = _text(payload.engine)
         detail.update(_image_facts(payload.platform, payload.manifest_digest))
         if payload.fetched_bytes is not None:
-            detail["fetched_bytes"] = _count(payload.fetched_bytes, "fetched_bytes")
+            detail["fetched_bytes"] = payload.fetched_bytes
         if payload.cached_bytes is not None:
-            detail["cached_bytes"] = _count(payload.cached_bytes, "cached_bytes")
-        if payload.reused_object is not None:
-            _text(payload.reused_object, "reused_object", OBJECT_NAME_MAX)
+            detail["cached_bytes"] = payload.cached_bytes
         detail["reused"] = payload.reused_object is not None
     elif isinstance(payload, Compressed):
-        task["gzip_file_name"] = _text(payload.gzip_file_name, "gzip_file_name", OBJECT_NAME_MAX)
-        detail["image_id"] = _text(payload.image_id, "image_id", IMAGE_ID_MAX)
-        detail["archive_bytes"] = _count(payload.bytes_out, "bytes_out")
-        detail["archive_sha256"] = _text(payload.sha256, "sha256", SHA256_HEX_LEN)
+        task["gzip_file_name"] = _text(payload.gzip_file_name)
+        detail["image_id"] = _text(payload.image_id)
+        detail["archive_bytes"] = payload.bytes_out
+        detail["archive_sha256"] = _text(payload.sha256)
     elif isinstance(payload, Uploaded):
-        task["minio_object_name"] = _text(
-            payload.minio_object_name, "minio_object_name", OBJECT_NAME_MAX
-        )
-        detail["bucket"] = _text(payload.bucket, "bucket", BUCKET_MAX)
+        task["minio_object_name"] = _text(payload.minio_object_name)
+        detail["bucket"] = _text(payload.bucket)
         detail.update(_image_facts(payload.platform, payload.manifest_digest))
         if payload.reused_from is not None:
-            _text(payload.reused_from, "reused_from", OBJECT_NAME_MAX)
             detail["reused"] = True
     elif isinstance(payload, Failed):
-        task["error_message"] = truncate_message(_text(payload.reason, "reason"))
+        task["error_message"] = truncate_message(_text(payload.reason))
     target = event.type.target_state
     if target is not None and target in TERMINAL_STATES:
         end_time = utc(event.time)
@@ -456,11 +417,11 @@ class TaskRepository:
     async def apply(self, event: Event, stream_seq: int | None = None) -> ApplyOutcome:
         """Record ``event`` (delivered at ``stream_seq``) and apply it to its task.
 
-        Never raises for an event the state machine or the schema refuses: it is recorded
-        in the transition log (when its ids fit) and the outcome says why. Raises
-        DatabaseError when the database fails (retrying the same event is then safe) and
-        UnstorableEvent when the driver cannot encode one of its values (nothing written;
-        retrying cannot help: record it with ``record_refused``).
+        Never raises for an event the state machine refuses: it is recorded in the
+        transition log and the outcome says why. Raises DatabaseError when the database
+        fails (retrying the same event is then safe) and UnstorableEvent when the driver
+        cannot encode one of its values (nothing written; retrying cannot help: record it
+        with ``record_refused``).
         """
         if event.type is EventType.PROGRESS:
             return await self._apply_progress(event)
@@ -474,8 +435,8 @@ class TaskRepository:
 
         Applying the same event later is a duplicate no-op (the gateway no longer calls
         this: start is one write, the stream's ``requested`` event; see gateway.start).
-        Raises ValueError when the event is not a REQUESTED event, InvalidInput when its
-        values do not fit the table, and DatabaseError when the database fails.
+        Raises ValueError when the event is not a REQUESTED event and DatabaseError when
+        the database fails.
         """
         if not isinstance(event.payload, Requested):
             raise ValueError(f"create_if_absent needs a requested event, not {event.type}")
@@ -483,10 +444,7 @@ class TaskRepository:
         async def create(connection: BaseDBAsyncClient) -> TaskRecord:
             row = await DcuTask.filter(task_id=event.task_id).using_db(connection).first()
             if row is None:
-                try:
-                    row = await self._create_task(connection, event, None)
-                except _Invalid as exc:
-                    raise InvalidInput(f"task {event.task_id}: {exc}") from exc
+                row = await self._create_task(connection, event, None)
             return _task_record(row)
 
         return await self._write(f"cannot create task {event.task_id}", create)
@@ -505,44 +463,28 @@ class TaskRepository:
                 )
             log.debug("task %s: event %s already recorded", event.task_id, event.event_id)
             return ApplyOutcome.DUPLICATE
-        if len(event.task_id) > ID_MAX or len(event.event_id) > ID_MAX:
-            log.warning(
-                "task %s: event %s refused: task or event id longer than %d characters",
-                event.task_id[:ID_MAX],
-                event.event_id[:ID_MAX],
-                ID_MAX,
-            )
-            return ApplyOutcome.INVALID
 
         row = await DcuTask.filter(task_id=event.task_id).using_db(connection).first()
         target = event.type.target_state
-        try:
-            if event.type is EventType.REQUESTED:
-                if row is not None:
-                    idle, exists = TaskState.IDLE, "task already exists"
-                    await self._log(connection, event, stream_seq, row.state, idle, exists)
-                    log.info("task %s: already exists, %s ignored", event.task_id, event.event_id)
-                    return ApplyOutcome.DUPLICATE
-                await self._create_task(connection, event, stream_seq)
-                return ApplyOutcome.APPLIED
-            if row is None:
-                await self._log(connection, event, stream_seq, None, target, "unknown task")
-                log.warning(
-                    "task %s: %s event %s for an unknown task recorded, not applied",
-                    event.task_id,
-                    event.type,
-                    event.event_id,
-                )
-                return ApplyOutcome.UNKNOWN_TASK
-            current = TaskState(row.state)
-            effects = _effects(event, row.start_time)
-        except _Invalid as exc:
-            known = None if row is None else row.state
-            await self._log(connection, event, stream_seq, known, target, f"invalid event: {exc}")
+        if event.type is EventType.REQUESTED:
+            if row is not None:
+                idle, exists = TaskState.IDLE, "task already exists"
+                await self._log(connection, event, stream_seq, row.state, idle, exists)
+                log.info("task %s: already exists, %s ignored", event.task_id, event.event_id)
+                return ApplyOutcome.DUPLICATE
+            await self._create_task(connection, event, stream_seq)
+            return ApplyOutcome.APPLIED
+        if row is None:
+            await self._log(connection, event, stream_seq, None, target, "unknown task")
             log.warning(
-                "task %s: %s event %s refused: %s", event.task_id, event.type, event.event_id, exc
+                "task %s: %s event %s for an unknown task recorded, not applied",
+                event.task_id,
+                event.type,
+                event.event_id,
             )
-            return ApplyOutcome.INVALID
+            return ApplyOutcome.UNKNOWN_TASK
+        current = TaskState(row.state)
+        effects = _effects(event, row.start_time)
 
         if target is None:
             return await self._record_facts(connection, event, stream_seq, current, effects)
@@ -553,10 +495,8 @@ class TaskRepository:
     ) -> DcuTask:
         payload = event.payload
         assert isinstance(payload, Requested)
-        if len(event.task_id) > ID_MAX or len(event.event_id) > ID_MAX:
-            raise _Invalid(f"task or event id longer than {ID_MAX} characters")
-        username = _text(payload.username, "username", USERNAME_MAX)
-        image = _text(payload.docker_image_name, "docker_image_name", IMAGE_NAME_MAX)
+        username = _text(payload.username)
+        image = _text(payload.docker_image_name)
         facts = _image_facts(payload.platform)
         moment = utc(event.time)
         row = await DcuTask.create(
@@ -673,25 +613,14 @@ class TaskRepository:
         """Store live progress with one upsert; an older report never replaces a newer."""
         payload = event.payload
         assert isinstance(payload, Progress)
-        try:
-            if len(event.task_id) > ID_MAX:
-                raise _Invalid(f"task id longer than {ID_MAX} characters")
-            values = [
-                event.task_id,
-                _text(payload.stage, "stage", STAGE_MAX),
-                _count(payload.bytes_done, "bytes_done"),
-                _count(payload.bytes_total, "bytes_total", optional=True),
-                _rate(payload.rate),
-                utc(event.time),
-            ]
-        except _Invalid as exc:
-            log.warning(
-                "task %s: progress event %s refused: %s",
-                event.task_id[:ID_MAX],
-                event.event_id,
-                exc,
-            )
-            return ApplyOutcome.INVALID
+        values = [
+            event.task_id,
+            _text(payload.stage),
+            payload.bytes_done,
+            payload.bytes_total,
+            payload.rate,
+            utc(event.time),
+        ]
 
         async def upsert() -> None:
             database = self.database

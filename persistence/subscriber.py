@@ -14,8 +14,9 @@ event to the repository, one at a time, in stream order:
   during a rolling upgrade): ``nak`` after ``unknown_retry_delay`` so a newer replica
   sharing the durable can take it, until the message is ``unknown_type_grace`` old; then
   refused as below;
-* anything else (not an event, text the database cannot encode, a bug in applying it):
-  recorded as refused (``dcu_refused_events``: stream position, reason, raw bytes) and
+* anything else (not an event: malformed, or holding a value the event schema refuses,
+  e.g. one longer than its column; text the database cannot encode; a bug in applying
+  it): recorded as refused (``dcu_refused_events``: stream position, reason, raw bytes) and
   ``term()``, so one poison message never halts persistence. When even that record fails,
   ``nak`` with the growing delay: the message is retried, never dropped unrecorded.
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import uuid
 from datetime import timedelta
 
 import pytest
+from pydantic import ValidationError
 
+from events.audit_archive import StoredMessage
 from events.schema import (
     Compressed,
+    DecodeError,
     Downloaded,
     Event,
     Failed,
+    Progress,
     Requested,
 )
 from events.states import LEGAL_TRANSITIONS, TaskState, Verdict, decide
@@ -30,6 +35,7 @@ from persistence.repository import (
     TaskRepository,
     UnstorableEvent,
 )
+from persistence.subscriber import Rebuild
 from tests.persistence.conftest import T0, Timeline, table_columns, table_indexes
 
 SEED_COLUMNS = {
@@ -218,8 +224,21 @@ DIGEST = "sha256:" + "d" * 64
 
 
 def with_payload(event: Event, **changes: object) -> Event:
-    """``event`` (same id and time) with some payload fields changed."""
-    return dataclasses.replace(event, payload=dataclasses.replace(event.payload, **changes))
+    """``event`` (same id and time) with some payload fields changed (and validated)."""
+    payload = type(event.payload).model_validate({**event.payload.model_dump(), **changes})
+    return Event(task_id=event.task_id, event_id=event.event_id, time=event.time, payload=payload)
+
+
+async def replay_raw(repository: TaskRepository, data: bytes, seq: int) -> Rebuild:
+    """Feed ``data`` to the repository as the subscriber's replay does (refusing what it
+    cannot decode into ``dcu_refused_events``)."""
+    rebuild = Rebuild(repository)
+    await rebuild.apply(
+        StoredMessage(
+            stream="DCU_AUDIT", seq=seq, subject="dcu.task.t.x", time=T0, msg_id="m", data=data
+        )
+    )
+    return rebuild
 
 
 def registry_path(timeline: Timeline, *, reused_object: str | None = None) -> list[Event]:
@@ -362,18 +381,32 @@ async def test_digest_reuse_is_recorded(
 @pytest.mark.parametrize(
     ("changes", "error"),
     [
-        pytest.param({"engine": None}, "engine is not a string", id="engine-null"),
-        pytest.param({"engine": "e" * 21}, "engine is longer than 20", id="engine-long"),
-        pytest.param({"platform": 5}, "platform is not a string", id="platform-number"),
-        pytest.param({"platform": "p" * 65}, "platform is longer than 64", id="platform-long"),
+        pytest.param({"engine": None}, "engine: Input should be a valid string", id="engine-null"),
+        pytest.param(
+            {"engine": "e" * 21}, "engine: String should have at most 20", id="engine-long"
+        ),
+        pytest.param(
+            {"platform": 5}, "platform: Input should be a valid string", id="platform-number"
+        ),
+        pytest.param(
+            {"platform": "p" * 65}, "platform: String should have at most 64", id="platform-long"
+        ),
         pytest.param(
             {"manifest_digest": "sha256:" + "d" * 94},
-            "manifest_digest is longer than 100",
+            "manifest_digest: String should have at most 100",
             id="digest-long",
         ),
-        pytest.param({"fetched_bytes": "many"}, "fetched_bytes is not a number", id="fetched"),
-        pytest.param({"cached_bytes": -1}, "cached_bytes is out of range", id="cached"),
-        pytest.param({"reused_object": True}, "reused_object is not a string", id="reused"),
+        pytest.param(
+            {"fetched_bytes": "many"}, "fetched_bytes: Input should be a valid int", id="fetched"
+        ),
+        pytest.param(
+            {"cached_bytes": -1},
+            "cached_bytes: Input should be greater than or equal to 0",
+            id="cached",
+        ),
+        pytest.param(
+            {"reused_object": True}, "reused_object: Input should be a valid string", id="reused"
+        ),
     ],
 )
 async def test_download_facts_that_do_not_fit_are_refused(
@@ -383,16 +416,25 @@ async def test_download_facts_that_do_not_fit_are_refused(
     timeline = Timeline()
     events = registry_path(timeline)
     await apply_all(repository, events[:2])
-    bad = timeline.event(dataclasses.replace(events[2].payload, **changes))
+    fields = {**events[2].payload.model_dump(), **changes}
 
-    # When its download event carries a value that does not fit
-    outcome = await repository.apply(bad, 3)
+    # When its download event carries a value that does not fit, it cannot be built...
+    with pytest.raises(ValidationError):
+        Downloaded.model_validate(fields)
+    # ... nor decoded from the stream: persistence keeps it as a refused message
+    data = {**events[2].to_dict(), "payload": fields}
+    raw = json.dumps(data).encode()
+    with pytest.raises(DecodeError, match=f"payload.downloaded.{error}"):
+        Event.decode(raw)
+    rebuild = await replay_raw(repository, raw, 3)
 
-    # Then the event is logged as invalid and no fact of it is recorded
-    assert outcome is ApplyOutcome.INVALID
-    entry = (await repository.transitions(timeline.task_id))[-1]
-    assert entry.applied is False
-    assert entry.error is not None and entry.error.startswith(f"invalid event: {error}")
+    # Then the refusal names the field, and no fact of the event is recorded
+    assert rebuild.counts().refused == 1
+    [refused] = await repository.refused_events()
+    assert (refused.stream_seq, refused.event_id) == (3, events[2].event_id)
+    assert refused.reason.startswith("not an event: not a DCU event: ")
+    assert f"payload.downloaded.{error}" in refused.reason
+    assert len(await repository.transitions(timeline.task_id)) == 2
     detail = await repository.get_detail(timeline.task_id)
     assert detail is not None and (detail.image_id, detail.engine) == (None, None)
 
@@ -401,12 +443,16 @@ async def test_a_requested_platform_that_does_not_fit_is_refused(
     repository: TaskRepository,
 ) -> None:
     timeline = Timeline()
-    too_long = timeline.requested(platform="linux/" + "a" * 64)
+    with pytest.raises(ValidationError, match="platform"):
+        timeline.requested(platform="linux/" + "a" * 64)
+    data = timeline.requested().to_dict()
+    data["payload"]["platform"] = "linux/" + "a" * 64
 
-    with pytest.raises(InvalidInput, match="platform is longer than 64"):
-        await repository.create_if_absent(too_long)
-    assert await repository.apply(too_long, 1) is ApplyOutcome.INVALID
+    rebuild = await replay_raw(repository, json.dumps(data).encode(), 1)
 
+    assert rebuild.counts().refused == 1
+    [refused] = await repository.refused_events()
+    assert "payload.requested.platform: String should have at most 64" in refused.reason
     with pytest.raises(NotFound):
         await repository.get(timeline.task_id)
     assert await repository.get_detail(timeline.task_id) is None
@@ -588,7 +634,7 @@ async def test_create_if_absent_refuses_other_events_and_bad_values(
     timeline = Timeline()
     with pytest.raises(ValueError):
         await repository.create_if_absent(timeline.failed())
-    with pytest.raises(InvalidInput):
+    with pytest.raises(ValidationError):  # a value that does not fit cannot reach it
         await repository.create_if_absent(timeline.requested(user="u" * 101))
     with pytest.raises(NotFound):
         await repository.get(timeline.task_id)
@@ -598,21 +644,27 @@ async def test_values_that_do_not_fit_are_refused_not_retried(
     repository: TaskRepository,
 ) -> None:
     timeline = Timeline()
-    too_long = timeline.requested(image="r/" + "i" * 600)
+    with pytest.raises(ValidationError, match="docker_image_name"):
+        timeline.requested(image="r/" + "i" * 600)
+    too_long = timeline.requested().to_dict()
+    too_long["payload"]["docker_image_name"] = "r/" + "i" * 600
 
-    assert await repository.apply(too_long, 1) is ApplyOutcome.INVALID
-
-    [entry] = await repository.transitions(timeline.task_id)
-    assert entry.applied is False
-    assert entry.error == "invalid event: docker_image_name is longer than 500 characters"
+    # Refused at decode: kept in dcu_refused_events, never retried, nothing logged
+    rebuild = await replay_raw(repository, json.dumps(too_long).encode(), 1)
+    assert rebuild.counts().refused == 1
+    [refused] = await repository.refused_events()
+    assert (refused.stream_seq, refused.task_id) == (1, timeline.task_id)
+    assert (
+        "payload.requested.docker_image_name: String should have at most 500 characters"
+        in refused.reason
+    )
+    assert await repository.transitions(timeline.task_id) == []
     await repository.apply(timeline.requested(), 2)
     nul = timeline.event(Failed(stage="download", reason="bad\x00byte"))
     assert await repository.apply(nul, 3) is ApplyOutcome.APPLIED
     assert (await repository.get(timeline.task_id)).error_message == "bad\ufffdbyte"
-    weird = timeline.event(
+    with pytest.raises(ValidationError, match="bytes"):
         Downloaded(docker_image_name="x", image_id="sha256:1", tar_path="/t", bytes="many")  # type: ignore[arg-type]
-    )
-    assert await repository.apply(weird, 4) is ApplyOutcome.INVALID
 
 
 async def test_progress_is_one_upsert_that_never_goes_back(repository: TaskRepository) -> None:
@@ -862,9 +914,13 @@ async def test_refused_messages_are_listed_newest_first_and_cut_when_long(
 async def test_a_value_the_driver_cannot_encode_is_unstorable_not_a_database_error(
     repository: TaskRepository,
 ) -> None:
-    # Given an event built in-process with a lone surrogate (decoding refuses those)
+    # Given an event holding a lone surrogate, which skipped validation (building or
+    # decoding one refuses it)
     timeline = Timeline()
-    poisoned = timeline.requested(user="u\ud800")
+    with pytest.raises(ValidationError, match="surrogate"):
+        timeline.requested(user="u\ud800")
+    unchecked = Requested.model_construct(username="u\ud800", docker_image_name="nginx:latest")
+    poisoned = Event(task_id=timeline.task_id, payload=unchecked, time=timeline.now)
 
     # When it is applied, the driver cannot encode it: retrying can never help
     with pytest.raises(UnstorableEvent) as info:
@@ -877,4 +933,5 @@ async def test_a_value_the_driver_cannot_encode_is_unstorable_not_a_database_err
         await repository.get(timeline.task_id)
     assert await repository.transitions(timeline.task_id) == []
     with pytest.raises(UnstorableEvent):
-        await repository.apply(timeline.progress(5, stage="d\udc00"), 2)
+        stage = Progress.model_construct(stage="d\udc00", bytes_done=5, rate=0.0)
+        await repository.apply(timeline.event(stage), 2)
