@@ -4,9 +4,10 @@
 "requested_by": "ops"}`` asks for a cleanup run now: it subscribes to
 ``<prefix>.cleanup.<kind>.completed`` *before* publishing the ``requested`` event (with a
 JetStream acknowledgement), then waits up to ``timeout`` seconds (default 60, at most
-600) for the completion naming its request and returns that event as ``data``. When the
-run does not finish in time (no cleanup worker running, a long run) it answers ``202``
-with code 0 and the request id, so the caller can watch the subject instead.
+600: ``gateway.models.CleanupRequest``) for the completion naming its request and returns
+that event as ``data``. When the run does not finish in time (no cleanup worker running,
+a long run) it answers ``202`` with code 0 and the request id, so the caller can watch the
+subject instead.
 
 With ``auth.enabled`` the request needs a bearer token (gateway/auth.py) and
 ``requested_by`` is the token's name; one in the body is then checked and ignored.
@@ -31,21 +32,14 @@ from events.cleanup import (
     CleanupCompleted,
     CleanupEvent,
     CleanupEventType,
-    CleanupKind,
     admin_request,
-    parse_kind,
 )
 from events.schema import DecodeError
-from gateway import auth, envelope, views
-from gateway.http import read_object, respond
+from gateway import auth, envelope, models
+from gateway.http import parse_body, respond
 from gateway.keys import API, BUS, SETTINGS
-from kernel.errors import InvalidInput
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT = 60.0
-MAX_TIMEOUT = 600.0
-DEFAULT_REQUESTER = "admin"
 
 
 class _Waiting:
@@ -58,37 +52,14 @@ class _Waiting:
 WAITING = web.AppKey("cleanup_waiting", _Waiting)
 
 
-def _timeout(data: dict[str, Any]) -> float:
-    value = data.get("timeout", DEFAULT_TIMEOUT)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"timeout must be a number of seconds, got {value!r}")
-    if not 0 <= value <= MAX_TIMEOUT:
-        raise InvalidInput(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds")
-    return float(value)
-
-
-def _kind(data: dict[str, Any]) -> CleanupKind:
-    if "kind" not in data:
-        kinds = ", ".join(k.value for k in CleanupKind)
-        raise InvalidInput(f"missing field: kind (one of: {kinds})")
-    try:
-        return parse_kind(data["kind"])
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
-
-
 async def request_cleanup(request: web.Request) -> web.Response:
     """Publish a cleanup request and wait for its completion (see the module docstring).
 
     Raises InvalidInput for a bad body and BusError when NATS does not take the request.
     """
-    data = await read_object(request, '{"kind": "gzip"|"objects"}')
-    kind = _kind(data)
-    timeout = _timeout(data)
-    requested_by = DEFAULT_REQUESTER
-    if "requested_by" in data:
-        requested_by = views.check_username(data["requested_by"])
-    requested_by = request.get(auth.USER, requested_by)
+    body = await parse_body(request, models.CleanupRequest)
+    kind, timeout = body.kind, body.timeout
+    requested_by = request.get(auth.USER, body.requested_by)
     event = admin_request(kind, requested_by)
     prefix = request.app[SETTINGS].nats.subject_prefix
     done_subject = subjects.cleanup(kind, CleanupEventType.COMPLETED, prefix)
@@ -125,20 +96,12 @@ async def request_cleanup(request: web.Request) -> web.Response:
     finally:
         await subscription.close()
     if completed.done():
-        return respond(envelope.ok(completed.result().to_dict(), "cleanup completed"))
+        report = models.CleanupCompletedEvent.model_validate(completed.result().to_dict())
+        return respond(envelope.ok(report, "cleanup completed"))
     completed.cancel()
-    return respond(
-        {
-            "code": 0,
-            "status": 202,
-            "message": f"cleanup requested; not completed within {timeout:g} s",
-            "data": {
-                "request_id": event.event_id,
-                "kind": str(kind),
-                "subject": done_subject,
-            },
-        }
-    )
+    pending = models.CleanupPending(request_id=event.event_id, kind=kind, subject=done_subject)
+    message = f"cleanup requested; not completed within {timeout:g} s"
+    return respond(envelope.ok(pending, message, status=202))
 
 
 async def _release_waiting(app: web.Application) -> None:

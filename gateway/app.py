@@ -10,18 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Literal
 
 from aiohttp import web
 
 from bus import Bus
-from gateway import admin, auth, envelope, events_api, openapi, start, views
-from gateway.http import respond
+from gateway import admin, asyncapi, auth, envelope, events_api, models, openapi, start
+from gateway.http import parse_path, parse_query, respond
 from gateway.keys import API, BUS, REPOSITORY, SETTINGS
 from kernel.errors import DcuError, NotFound, Unauthorized
 from kernel.settings import Settings
 from persistence.database import Database
-from persistence.repository import TaskDetailRecord, TaskRepository
+from persistence.repository import TaskRepository
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ async def task_status(request: web.Request) -> web.Response:
     """The task's row; without one (the subscriber has not recorded it yet), the task as
     its ``requested`` event in the stream shows it, idle. Raises NotFound when neither
     knows it, BusError when the stream cannot be read, DatabaseError."""
-    task_id = views.check_task_id(request.match_info["task_id"])
-    task: views.TaskLike
+    task_id = parse_path(request, models.TaskPath).task_id
+    task: models.TaskLike
     repository = request.app[REPOSITORY]
     try:
         task = await repository.get(task_id)
@@ -73,62 +73,40 @@ async def task_status(request: web.Request) -> web.Response:
         task, detail = found
     else:
         detail = await repository.get_detail(task_id)
-    return respond(envelope.ok(views.task_view(task, datetime.now(UTC), _detail_view(detail))))
-
-
-def _detail_view(detail: TaskDetailRecord | None) -> dict[str, Any]:
+    now = datetime.now(UTC)
     if detail is None:
-        return {}
-    total = detail.stage_bytes_total
-    done = detail.stage_bytes_done
-    percent = None
-    if total and done is not None:
-        percent = round(min(100.0, 100.0 * done / total), 1)
-    return {
-        "image_id": detail.image_id,
-        "archive_bytes": detail.archive_bytes,
-        "archive_sha256": detail.archive_sha256,
-        "stage": detail.stage,
-        "stage_progress": percent,
-        "stage_bytes_done": done,
-        "stage_bytes_total": total,
-        "stage_rate": detail.stage_rate,
-        "platform": detail.platform,
-        "manifest_digest": detail.manifest_digest,
-        "engine": detail.engine,
-        "reused": detail.reused,
-        "download_bytes_fetched": detail.fetched_bytes,
-        "download_bytes_cached": detail.cached_bytes,
-    }
+        return respond(envelope.ok(models.Task.of(task, now)))
+    return respond(envelope.ok(models.TaskDetail.with_detail(task, now, detail)))
 
 
 async def query_tasks(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    params = views.parse_query(request.query, settings.server.max_page_size)
+    query = parse_query(request, models.task_query(settings.server.max_page_size))
     total, items = await request.app[REPOSITORY].query(
-        docker_image_name=params.docker_image_name,
-        username=params.username,
-        state=params.state,
-        page=params.page,
-        page_size=params.page_size,
+        docker_image_name=query.docker_image_name,
+        username=query.username,
+        state=query.state,
+        page=query.page,
+        page_size=query.page_size,
     )
     now = datetime.now(UTC)
-    return respond(envelope.ok({"total": total, "items": [views.task_view(t, now) for t in items]}))
+    page = models.TaskPage(total=total, items=[models.Task.of(task, now) for task in items])
+    return respond(envelope.ok(page))
 
 
 async def health(request: web.Request) -> web.Response:
-    checks = {"nats": "connected" if request.app[BUS].connected else "disconnected"}
+    nats: Literal["connected", "disconnected"] = (
+        "connected" if request.app[BUS].connected else "disconnected"
+    )
     try:
         await request.app[REPOSITORY].ping()
-        checks["database"] = "ok"
+        database = "ok"
     except Exception as exc:
-        checks["database"] = f"error: {type(exc).__name__}"
-    healthy = checks["nats"] == "connected" and checks["database"] == "ok"
-    if healthy:
-        return respond(envelope.ok({"status": "ok", **checks}))
-    body = envelope.failure(503, 50300, "unhealthy")
-    body["data"] = {"status": "unhealthy", **checks}
-    return respond(body)
+        database = f"error: {type(exc).__name__}"
+    if nats == "connected" and database == "ok":
+        return respond(envelope.ok(models.Health(status="ok", nats=nats, database=database)))
+    report = models.Health(status="unhealthy", nats=nats, database=database)
+    return respond(envelope.failure(503, 50300, "unhealthy", report))
 
 
 async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -163,4 +141,5 @@ def create_app(settings: Settings) -> web.Application:
     events_api.setup(app)
     admin.setup(app)
     openapi.setup(app)
+    asyncapi.setup(app)
     return app

@@ -1,12 +1,15 @@
 """The response envelope and the one table that maps error kinds to HTTP status and code.
 
-Every response is ``{"code": int, "status": int, "message": str, "data": ...}``; ``code`` 0
-means success and ``status`` mirrors the HTTP status.
+Every response is ``{"code": int, "status": int, "message": str, "data": ...}`` (``Envelope``;
+the helpers below build its fields, ``gateway.http.respond`` validates and serializes them);
+``code`` 0 means success and ``status`` mirrors the HTTP status.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from kernel import errors
 
@@ -26,12 +29,25 @@ ERROR_TABLE: dict[type[errors.DcuError], tuple[int, int]] = {
 INTERNAL = (500, 50000)
 
 
-def ok(data: Any, message: str = SUCCESS) -> dict[str, Any]:
-    return {"code": 0, "status": 200, "message": message, "data": data}
+class Envelope(BaseModel):
+    """Every response but the OpenAPI document: `code` 0 means success, `status` mirrors
+    the HTTP status."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    code: int
+    status: int
+    message: str
+    data: Any
+    """A response model of ``gateway.models`` (or None); serialized with the envelope."""
 
 
-def failure(status: int, code: int, message: str) -> dict[str, Any]:
-    return {"code": code, "status": status, "message": message, "data": None}
+def ok(data: Any, message: str = SUCCESS, status: int = 200) -> dict[str, Any]:
+    return {"code": 0, "status": status, "message": message, "data": data}
+
+
+def failure(status: int, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    return {"code": code, "status": status, "message": message, "data": data}
 
 
 def for_error(exc: errors.DcuError) -> dict[str, Any]:

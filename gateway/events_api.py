@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -33,10 +33,10 @@ from aiohttp import web
 from bus import Bus, LiveSubscription
 from events import subjects
 from events.schema import DecodeError, Event, EventType
-from gateway import envelope, views
-from gateway.http import respond
+from gateway import envelope, models
+from gateway.http import parse_headers, parse_path, parse_query, respond
 from gateway.keys import API, BUS, SETTINGS
-from kernel.errors import DcuError, InvalidInput, NotFound
+from kernel.errors import DcuError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # no proxy buffering (nginx)
 }
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 
 
 class _StreamEnded(Exception):
@@ -164,31 +162,6 @@ STREAMS = web.AppKey("event_streams", _OpenStreams)
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def parse_flag(params: Mapping[str, str], name: str, default: bool) -> bool:
-    """A boolean query parameter; raises InvalidInput for anything but true/false/1/0/…."""
-    raw = params.get(name)
-    if raw is None or raw == "":
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise InvalidInput(f"{name} must be true or false, got {raw[:50]!r}")
-
-
-def parse_event_type(params: Mapping[str, str]) -> EventType | None:
-    """The optional ``type`` filter; raises InvalidInput naming the allowed types."""
-    raw = params.get("type")
-    if raw is None or raw == "":
-        return None
-    try:
-        return EventType(raw)
-    except ValueError:
-        allowed = ", ".join(t.value for t in EventType)
-        raise InvalidInput(f"type {raw[:50]!r} is not one of: {allowed}") from None
 
 
 def sse_message(event: Event) -> bytes:
@@ -368,8 +341,8 @@ async def task_history(request: web.Request) -> web.Response:
     """The task's events from the stream. Raises InvalidInput for a bad id or flag,
     NotFound when the stream holds no event for the task, BusError/UpstreamTimeout when
     JetStream cannot be read in ``HISTORY_TIMEOUT`` seconds."""
-    task_id = views.check_task_id(request.match_info["task_id"])
-    include_progress = parse_flag(request.query, "include_progress", True)
+    task_id = parse_path(request, models.TaskPath).task_id
+    include_progress = parse_query(request, models.EventsQuery).include_progress
     events = await task_events(
         request.app[BUS],
         task_id,
@@ -379,10 +352,14 @@ async def task_history(request: web.Request) -> web.Response:
     )
     if not any(event.type != EventType.PROGRESS for _, event in events):
         raise NotFound(f"no events for task {task_id}")
-    truncated = len(events) > MAX_EVENTS
-    items = [{**event.to_dict(), "seq": seq} for seq, event in events[:MAX_EVENTS]]
-    data = {"task_id": task_id, "total": len(items), "truncated": truncated, "events": items}
-    return respond(envelope.ok(data))
+    items = [
+        models.StoredEvent.model_validate({**event.to_dict(), "seq": seq})
+        for seq, event in events[:MAX_EVENTS]
+    ]
+    history = models.EventHistory(
+        task_id=task_id, total=len(items), truncated=len(events) > MAX_EVENTS, events=items
+    )
+    return respond(envelope.ok(history))
 
 
 async def task_stream(request: web.Request) -> web.StreamResponse:
@@ -393,9 +370,9 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     Answers 204 to a client whose ``Last-Event-ID`` already is the terminal event.
     Failures after the response started end the stream (logged).
     """
-    task_id = views.check_task_id(request.match_info["task_id"])
-    include_progress = parse_flag(request.query, "include_progress", True)
-    resume_after = request.headers.get("Last-Event-ID") or None
+    task_id = parse_path(request, models.TaskPath).task_id
+    include_progress = parse_query(request, models.EventsQuery).include_progress
+    resume_after = parse_headers(request, models.StreamHeaders).last_event_id
     app = request.app
     settings = app[SETTINGS]
     feed = LiveFeed()
@@ -467,7 +444,7 @@ async def all_tasks_stream(request: web.Request) -> web.StreamResponse:
     """Every task's live events (``type`` picks one kind) until the client leaves or
     the server shuts down. Raises InvalidInput for an unknown type, BusError when the
     subscription cannot be made; nothing is replayed from the stream."""
-    event_type = parse_event_type(request.query)
+    event_type = parse_query(request, models.LiveEventsQuery).type
     app = request.app
     feed = LiveFeed()
     prefix = app[SETTINGS].nats.subject_prefix

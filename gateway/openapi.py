@@ -1,10 +1,13 @@
-"""The service's OpenAPI 3.0.3 document, served at ``/api/dcu/openapi.json``.
+"""The service's OpenAPI 3.1 document, served at ``/api/dcu/openapi.json``, generated from
+the models the handlers validate and answer with (``gateway.models``).
 
-The operations are written by hand in ``_described`` from the handlers' own contracts.
-``document`` is built each time it is asked for, from the routes the app has at that
-moment: a described operation appears only when its route is registered, and a registered
-route this module does not describe yet still appears, as an envelope-only operation marked
-``x-undescribed``, so the document never omits an endpoint nor names one the app lacks.
+``_operations`` says, for each route, which models are its path, query, headers, body and
+answers; the parameters, bodies and schemas (every constraint, enum and description) are
+pydantic's JSON Schema of those models. ``document`` is built each time it is asked for,
+from the routes the app has at that moment: an operation appears only when its route is
+registered, and a registered route not in ``_operations`` still appears, as an
+envelope-only operation marked ``x-undescribed``, so the document never omits an endpoint
+nor names one the app lacks.
 
 The document itself is plain OpenAPI, not wrapped in the envelope, so tools load it as is.
 Every other response, errors included, is the envelope (``#/components/schemas/Envelope``):
@@ -12,302 +15,310 @@ Every other response, errors included, is the envelope (``#/components/schemas/E
 
 Security follows the settings (gateway/auth.py): with ``auth.enabled`` off, POST
 operations accept an optional bearer token; on, they require one (and ``/start`` takes
-its username from it); with ``auth.protect_reads`` every GET but ``/health`` requires one
-as well and documents the 401.
+its username from it, so its body's ``username`` is optional); with
+``auth.protect_reads`` every GET but ``auth.ALWAYS_OPEN`` requires one as well and
+documents the 401.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import core_schema
 
-from events.limits import IMAGE_NAME_MAX, PLATFORM_MAX, USERNAME_MAX
-from events.platform import DEFAULT_PLATFORM, PLATFORM_PATTERN
-from events.schema import EventType
-from events.states import PROGRESS, TaskState
-from gateway import start, views
+from gateway import asyncapi, auth, envelope, models
 from gateway.keys import API, SETTINGS
-from kernel.settings import AuthSettings
+from kernel.settings import AuthSettings, Settings
 
 PATH = "/openapi.json"
-VERSION = "3.0.3"
-CLEANUP_KINDS = ["gzip", "objects"]
+VERSION = "3.1.0"
 
 Schema = dict[str, Any]
 
 _REF = "#/components"
 _PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
-_TIME = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$"
-# What events.platform.parse_platform takes: os/architecture[/variant], any letter case.
+_OPEN_READS = {path.removeprefix(API) for path in auth.ALWAYS_OPEN}
+
+
+class _Generator(GenerateJsonSchema):
+    """Pydantic's JSON Schema, without a title per field, and without ``"default": null``
+    (an optional input field is absent, not null: see ``gateway.models``)."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        json_schema = super().default_schema(schema)
+        if "default" in json_schema and json_schema["default"] is None:
+            del json_schema["default"]
+        return json_schema
+
+
+# --- operations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful answer: the envelope with ``data`` of type ``data`` (a response model
+    or a union of them), or, for the few answers that are not the envelope, ``content``."""
+
+    description: str
+    data: Any = None
+    content: Schema | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    operation_id: str
+    tag: str
+    summary: str
+    replies: Mapping[int, Reply]
+    errors: tuple[str, ...] = ()
+    description: str = ""
+    path: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    headers: type[BaseModel] | None = None
+    body: type[BaseModel] | None = None
+    extra_responses: Mapping[str, Schema] = field(default_factory=dict)
+
+
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+_SSE_DESCRIPTION = (
+    "Server-sent events: `id: <event_id>`, `event: <type>`, `data: <event JSON>`; "
+    "`: keep-alive` comments during silence."
+)
+
+
+def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
+    """Path (below ``API``) -> method -> operation, for every route of the gateway."""
+    start_body = models.TokenStartRequest if settings.auth.enabled else models.StartRequest
+    return {
+        "/start": {
+            "post": Operation(
+                "startTask",
+                "tasks",
+                "Request a task: pull, compress and upload one image.",
+                description="Answers once the `requested` event is stored in JetStream; the "
+                "task's row follows from it (`/status` shows the task at once). With an "
+                "`Idempotency-Key` the task id follows from the username and the key: a "
+                "repeated start answers the same task, and starts no other.",
+                headers=models.StartHeaders,
+                body=start_body,
+                replies={
+                    200: Reply(
+                        f"The task was requested (message `{envelope.STARTED}`).",
+                        models.StartResult,
+                    )
+                },
+                errors=(
+                    "BadRequest",
+                    "Unauthorized",
+                    "Conflict",
+                    "PayloadTooLarge",
+                    "TooManyRequests",
+                    "Unavailable",
+                ),
+            )
+        },
+        "/status/{task_id}": {
+            "get": Operation(
+                "getTask",
+                "tasks",
+                "One task, with its live stage figures.",
+                description="Until the persistence subscriber has recorded a task just "
+                "started, its `requested` event in the stream answers for it (`idle`).",
+                path=models.TaskPath,
+                replies={200: Reply("The task.", models.TaskDetail | models.Task)},
+                errors=("BadRequest", "NotFound", "Unavailable"),
+            )
+        },
+        "/query": {
+            "get": Operation(
+                "queryTasks",
+                "tasks",
+                "Tasks matching every filter given, newest first.",
+                query=models.task_query(settings.server.max_page_size),
+                replies={200: Reply("One page of tasks and the total matching.", models.TaskPage)},
+                errors=("BadRequest", "Unavailable"),
+            )
+        },
+        "/health": {
+            "get": Operation(
+                "health",
+                "meta",
+                "Whether NATS and the database answer.",
+                replies={200: Reply("Healthy.", models.Health)},
+                extra_responses={
+                    "503": _json(
+                        "NATS or the database does not answer; `data` says which.",
+                        _envelope(503, _ref("schemas", "Health")),
+                    )
+                },
+            )
+        },
+        "/events/{task_id}": {
+            "get": Operation(
+                "getTaskEvents",
+                "events",
+                "The task's events as stored in the stream.",
+                path=models.TaskPath,
+                query=models.EventsQuery,
+                replies={200: Reply("The events, oldest first.", models.EventHistory)},
+                errors=("BadRequest", "NotFound", "Unavailable", "GatewayTimeout"),
+            )
+        },
+        "/events/{task_id}/stream": {
+            "get": Operation(
+                "streamTaskEvents",
+                "events",
+                "The task's events so far, then live ones until it ends (SSE).",
+                path=models.TaskPath,
+                query=models.EventsQuery,
+                headers=models.StreamHeaders,
+                replies={
+                    200: Reply(_SSE_DESCRIPTION, content=_SSE),
+                    204: Reply("The client already has the terminal event."),
+                },
+                errors=("BadRequest", "NotFound", "Unavailable", "GatewayTimeout"),
+            )
+        },
+        "/events/stream": {
+            "get": Operation(
+                "streamAllEvents",
+                "events",
+                "Every task's live events, optionally of one type (SSE).",
+                query=models.LiveEventsQuery,
+                replies={200: Reply(_SSE_DESCRIPTION, content=_SSE)},
+                errors=("BadRequest", "Unavailable"),
+            )
+        },
+        "/cleanup": {
+            "post": Operation(
+                "startCleanup",
+                "admin",
+                "Run the gzip or object cleanup now.",
+                body=models.CleanupRequest,
+                replies={
+                    200: Reply(
+                        "The run finished; `data` is its completed event.",
+                        models.CleanupCompletedEvent,
+                    ),
+                    202: Reply(
+                        "The run was requested but did not finish within `timeout`.",
+                        models.CleanupPending,
+                    ),
+                },
+                errors=("BadRequest", "Unauthorized", "PayloadTooLarge", "Unavailable"),
+            )
+        },
+        PATH: {
+            "get": Operation(
+                "getOpenApi",
+                "meta",
+                "This document (plain OpenAPI, not in the envelope).",
+                replies={
+                    200: Reply(
+                        "The OpenAPI document.",
+                        content={"application/json": {"schema": {"type": "object"}}},
+                    )
+                },
+            )
+        },
+        asyncapi.PATH: {
+            "get": Operation(
+                "getAsyncApi",
+                "meta",
+                "The AsyncAPI 3.0.0 document of the `dcu.*` subjects other systems may "
+                "subscribe to, generated from the event models (plain AsyncAPI, not in the "
+                "envelope).",
+                replies={
+                    200: Reply(
+                        "The AsyncAPI document.",
+                        content={"application/json": {"schema": {"type": "object"}}},
+                    )
+                },
+            )
+        },
+    }
+
+
+# --- schemas ---------------------------------------------------------------------------
 
 
 def _ref(kind: str, name: str) -> Schema:
     return {"$ref": f"{_REF}/{kind}/{name}"}
 
 
-def _nullable(schema: Schema) -> Schema:
-    return {**schema, "nullable": True}
-
-
-# --- schemas ---------------------------------------------------------------------------
-
-
-def _schemas(auth: AuthSettings) -> dict[str, Schema]:
-    event_types = [t.value for t in EventType]
-    states = [s.value for s in TaskState]
-    time = {"type": "string", "pattern": _TIME, "example": "2025-12-10 20:25:00"}
-    return {
-        "Envelope": {
-            "type": "object",
-            "description": "Every response but this document: `code` 0 means success, "
-            "`status` mirrors the HTTP status.",
-            "required": ["code", "status", "message", "data"],
-            "properties": {
-                "code": {"type": "integer"},
-                "status": {"type": "integer"},
-                "message": {"type": "string"},
-                "data": {"nullable": True},
-            },
-            "additionalProperties": False,
-        },
-        "StartRequest": {
-            "type": "object",
-            "required": ["docker_image_name"]
-            if auth.enabled
-            else ["username", "docker_image_name"],
-            "properties": {
-                "username": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": USERNAME_MAX,
-                    "description": "Trimmed; must not be blank nor hold control characters."
-                    + (
-                        " Optional and ignored: the task's username is the token's name "
-                        "(still checked when given)."
-                        if auth.enabled
-                        else ""
-                    ),
-                    "example": "test_user",
-                },
-                "docker_image_name": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": IMAGE_NAME_MAX,
-                    "description": "An image reference in the distribution grammar "
-                    "(`[registry/]path[:tag][@digest]`), checked before anything reaches "
-                    "the engine or a path; anything else is a 400.",
-                    "example": "nginx:latest",
-                },
-                "platform": {
-                    "type": "string",
-                    "maxLength": PLATFORM_MAX,
-                    "pattern": PLATFORM_PATTERN,
-                    "description": "The platform to take from a multi-platform image, "
-                    "`os/architecture[/variant]`; normalised as containerd does (`x86_64` is "
-                    "`amd64`, `aarch64` is `arm64`, `arm` is `arm/v7`). Absent: the "
-                    f"service's `download.platform` (`{DEFAULT_PLATFORM}` by default).",
-                    "example": "linux/arm64",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Unknown fields are ignored.",
-        },
-        "StartResult": {
-            "type": "object",
-            "required": ["task_id", "state"],
-            "properties": {
-                "task_id": {"type": "string", "format": "uuid"},
-                "state": {
-                    "type": "string",
-                    "enum": states,
-                    "description": "`idle` for a new task; a start repeated with its "
-                    "`Idempotency-Key` answers the task's current state.",
-                },
-            },
-        },
-        "Task": {
-            "type": "object",
-            "required": [
-                "task_id",
-                "state",
-                "state_display",
-                "docker_image_name",
-                "gzip_file_name",
-                "minio_object_name",
-                "progress",
-                "duration",
-                "username",
-                "start_time",
-                "end_time",
-                "error_message",
-            ],
-            "properties": {
-                "task_id": {"type": "string", "format": "uuid"},
-                "state": {"type": "string", "enum": states},
-                "state_display": {"type": "string"},
-                "docker_image_name": {"type": "string"},
-                "gzip_file_name": _nullable({"type": "string"}),
-                "minio_object_name": _nullable({"type": "string"}),
-                "progress": {"type": "integer", "enum": sorted(set(PROGRESS.values()))},
-                "duration": {"type": "integer", "minimum": 0, "description": "ms"},
-                "username": {"type": "string"},
-                "start_time": time,
-                "end_time": _nullable(time),
-                "error_message": _nullable({"type": "string"}),
-                # /status only, once the task has details
-                "image_id": _nullable({"type": "string"}),
-                "archive_bytes": _nullable({"type": "integer", "minimum": 0}),
-                "archive_sha256": _nullable({"type": "string"}),
-                "stage": _nullable({"type": "string"}),
-                "stage_progress": _nullable({"type": "number", "minimum": 0, "maximum": 100}),
-                "stage_bytes_done": _nullable({"type": "integer", "minimum": 0}),
-                "stage_bytes_total": _nullable({"type": "integer", "minimum": 0}),
-                "stage_rate": _nullable({"type": "number", "minimum": 0}),
-                "platform": _nullable(
-                    {
-                        "type": "string",
-                        "maxLength": PLATFORM_MAX,
-                        "description": "Normalised: the one requested, then the one packaged.",
-                    }
-                ),
-                "manifest_digest": _nullable({"type": "string"}),
-                "engine": _nullable({"type": "string", "example": "registry"}),
-                "reused": _nullable(
-                    {
-                        "type": "boolean",
-                        "description": "Whether an existing archive of the same manifest "
-                        "was copied instead of built; null until the download stage ends.",
-                    }
-                ),
-                "download_bytes_fetched": _nullable(
-                    {"type": "integer", "minimum": 0, "description": "from the registry"}
-                ),
-                "download_bytes_cached": _nullable(
-                    {"type": "integer", "minimum": 0, "description": "from the blob cache"}
-                ),
-            },
-        },
-        "TaskPage": {
-            "type": "object",
-            "required": ["total", "items"],
-            "properties": {
-                "total": {"type": "integer", "minimum": 0},
-                "items": {"type": "array", "items": _ref("schemas", "Task")},
-            },
-        },
-        "Health": {
-            "type": "object",
-            "required": ["status", "nats", "database"],
-            "properties": {
-                "status": {"type": "string", "enum": ["ok", "unhealthy"]},
-                "nats": {"type": "string", "enum": ["connected", "disconnected"]},
-                "database": {"type": "string", "description": "`ok` or `error: <kind>`"},
-            },
-        },
-        "Event": {
-            "type": "object",
-            "required": ["event_id", "task_id", "type", "schema_version", "time", "payload"],
-            "properties": {
-                "event_id": {"type": "string"},
-                "task_id": {"type": "string"},
-                "type": {"type": "string", "enum": event_types},
-                "schema_version": {"type": "integer"},
-                "time": {"type": "string", "format": "date-time"},
-                "payload": {"type": "object"},
-            },
-        },
-        "EventHistory": {
-            "type": "object",
-            "required": ["task_id", "total", "events"],
-            "properties": {
-                "task_id": {"type": "string", "format": "uuid"},
-                "total": {"type": "integer", "minimum": 0},
-                "truncated": {"type": "boolean"},
-                "events": {
-                    "type": "array",
-                    "items": {
-                        "allOf": [
-                            _ref("schemas", "Event"),
-                            {
-                                "type": "object",
-                                "required": ["seq"],
-                                "properties": {
-                                    "seq": {
-                                        "type": "integer",
-                                        "minimum": 1,
-                                        "description": "stream sequence",
-                                    }
-                                },
-                            },
-                        ]
-                    },
-                },
-            },
-        },
-        "CleanupRequest": {
-            "type": "object",
-            "required": ["kind"],
-            "properties": {
-                "kind": {"type": "string", "enum": CLEANUP_KINDS},
-                "timeout": {
-                    "type": "number",
-                    "minimum": 0,
-                    "maximum": 600,
-                    "default": 60,
-                    "description": "Seconds to wait for the run to finish; past it the "
-                    "answer is 202 and the run goes on.",
-                },
-                "requested_by": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": USERNAME_MAX,
-                    "description": "Who asks (as a username); `admin` by default.",
-                },
-            },
-            "additionalProperties": True,
-        },
-        "CleanupCompleted": {
-            "type": "object",
-            "required": ["event_id", "kind", "type", "time", "payload"],
-            "properties": {
-                "event_id": {"type": "string"},
-                "kind": {"type": "string", "enum": CLEANUP_KINDS},
-                "type": {"type": "string", "enum": ["completed"]},
-                "schema_version": {"type": "integer"},
-                "time": {"type": "string", "format": "date-time"},
-                "payload": {
-                    "type": "object",
-                    "required": ["request_id", "deleted", "bytes_freed"],
-                    "properties": {
-                        "request_id": {"type": "string"},
-                        "deleted": {"type": "integer", "minimum": 0},
-                        "bytes_freed": {"type": "integer", "minimum": 0},
-                        "kept": {"type": "integer", "minimum": 0},
-                        "errors": {"type": "array", "items": {"type": "string"}},
-                        "seconds": {"type": "number", "minimum": 0},
-                    },
-                },
-            },
-        },
-        "CleanupPending": {
-            "type": "object",
-            "required": ["request_id", "kind", "subject"],
-            "properties": {
-                "request_id": {"type": "string"},
-                "kind": {"type": "string", "enum": CLEANUP_KINDS},
-                "subject": {
-                    "type": "string",
-                    "description": "Where the completion will be published.",
-                },
-            },
-        },
+def _definitions(
+    types: Iterable[tuple[Any, JsonSchemaMode]],
+) -> tuple[dict[tuple[Any, JsonSchemaMode], Schema], dict[str, Schema]]:
+    """The schema of each ``(type, mode)`` (a reference for a model) and every schema they
+    refer to, all generated together so that each model is one component."""
+    keys = list(dict.fromkeys(types))
+    generator = _Generator(ref_template=f"{_REF}/schemas/{{model}}")
+    inputs = [(key, key[1], TypeAdapter(key[0]).core_schema) for key in keys]
+    mapping, definitions = generator.generate_definitions(inputs)
+    return {key: mapping[(key, key[1])] for key in keys}, {
+        str(k): v for k, v in definitions.items()
     }
 
 
-def _envelope(status: int, data: Schema | None = None) -> Schema:
+def _one_line(node: Any) -> Any:
+    """``node`` with each ``description`` on one line (the models' docstrings wrap)."""
+    if isinstance(node, list):
+        return [_one_line(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {
+        key: " ".join(value.split())
+        if key == "description" and isinstance(value, str)
+        else _one_line(value)
+        for key, value in node.items()
+    }
+
+
+def _inline(schema: Any, definitions: Mapping[str, Schema]) -> Any:
+    """``schema`` with its local references replaced by what they name (parameters carry
+    their whole schema), less the titles pydantic gives to models and enums."""
+    if isinstance(schema, list):
+        return [_inline(item, definitions) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        named = definitions[schema["$ref"].rsplit("/", 1)[-1]]
+        return _inline({**named, **{k: v for k, v in schema.items() if k != "$ref"}}, definitions)
+    return {key: _inline(value, definitions) for key, value in schema.items() if key != "title"}
+
+
+def _parameters(model: type[BaseModel] | None, where: str) -> list[Schema]:
+    """One parameter ``in`` ``where`` per field of ``model``; a query parameter's empty
+    value is taken as none (``gateway.http.parse_query``)."""
+    if model is None:
+        return []
+    schema = model.model_json_schema(schema_generator=_Generator, mode="validation")
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, prop in schema["properties"].items():
+        prop = _inline(prop, schema.get("$defs", {}))
+        parameter: Schema = {"name": name, "in": where, "required": where == "path"}
+        parameter["required"] = parameter["required"] or name in required
+        if where == "query":
+            parameter["allowEmptyValue"] = True
+        if "description" in prop:
+            parameter["description"] = prop.pop("description")
+        parameter["schema"] = prop
+        parameters.append(parameter)
+    return parameters
+
+
+def _envelope(status: int, data: Schema) -> Schema:
     """The envelope with ``status`` and its ``code`` pinned (0 for 2xx, else status*100)."""
     code = 0 if 200 <= status < 300 else status * 100
     fixed: Schema = {
@@ -315,10 +326,9 @@ def _envelope(status: int, data: Schema | None = None) -> Schema:
         "properties": {
             "code": {"type": "integer", "enum": [code]},
             "status": {"type": "integer", "enum": [status]},
+            "data": data,
         },
     }
-    if data is not None:
-        fixed["properties"]["data"] = data
     return {"allOf": [_ref("schemas", "Envelope"), fixed]}
 
 
@@ -326,299 +336,89 @@ def _json(description: str, schema: Schema) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _responses() -> dict[str, Schema]:
-    return {
-        "BadRequest": _json(
-            "Malformed input; `message` names the problem.", _envelope(400, {"nullable": True})
-        ),
-        "Unauthorized": {
-            **_json(
-                "Only with `auth.enabled`: the bearer token is missing or wrong.",
-                _envelope(401, {"nullable": True}),
-            ),
-            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-        },
-        "TooManyRequests": _json(
-            "The user already has `server.max_active_tasks_per_user` unfinished tasks.",
-            _envelope(429, {"nullable": True}),
-        ),
-        "NotFound": _json("No such task, or an unknown route.", _envelope(404)),
-        "Conflict": _json(
-            "The `Idempotency-Key` was used for a different request (another image or platform).",
-            _envelope(409),
-        ),
-        "MethodNotAllowed": {
-            **_json("A method the path does not take (any path).", _envelope(405)),
-            "headers": {"Allow": {"schema": {"type": "string"}}},
-        },
-        "PayloadTooLarge": _json(
-            "The body is larger than `server.max_body_bytes`.", _envelope(413)
-        ),
-        "Unavailable": _json(
-            "NATS or the database failed; try again.", _envelope(503, {"nullable": True})
-        ),
-        "GatewayTimeout": _json("NATS did not answer in time; try again.", _envelope(504)),
-    }
-
-
-# --- operations ------------------------------------------------------------------------
-
-
-def _errors(*names: str) -> dict[str, Schema]:
-    statuses = {
-        "BadRequest": "400",
-        "Unauthorized": "401",
-        "TooManyRequests": "429",
-        "NotFound": "404",
-        "Conflict": "409",
-        "PayloadTooLarge": "413",
-        "Unavailable": "503",
-        "GatewayTimeout": "504",
-    }
-    return {statuses[name]: _ref("responses", name) for name in names}
-
-
-def _ok(description: str, data: Schema, status: int = 200) -> dict[str, Schema]:
-    return {str(status): _json(description, _envelope(status, data))}
-
-
-def _query(name: str, schema: Schema, description: str = "") -> Schema:
-    """An optional query parameter; the handlers take an empty value as no value."""
-    parameter: Schema = {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "allowEmptyValue": True,
-        "schema": schema,
-    }
-    if description:
-        parameter["description"] = description
-    return parameter
-
-
-def _task_id() -> Schema:
-    return {
-        "name": "task_id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "format": "uuid"},
-    }
-
-
-def _include_progress() -> Schema:
-    return _query(
-        "include_progress",
-        {"type": "boolean", "default": True},
-        "Leave out `progress` events when false.",
-    )
-
-
-_SSE = {
-    "description": "Server-sent events: `id: <event_id>`, `event: <type>`, `data: <event JSON>`"
-    "; `: keep-alive` comments during silence.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+_NO_DATA: Schema = {"type": "null"}
+_ERRORS: dict[str, tuple[int, str]] = {
+    "BadRequest": (400, "Malformed input; `message` names the problem."),
+    "Unauthorized": (401, "Only with `auth.enabled`: the bearer token is missing or wrong."),
+    "NotFound": (404, "No such task, or an unknown route."),
+    "MethodNotAllowed": (405, "A method the path does not take (any path)."),
+    "Conflict": (
+        409,
+        "The `Idempotency-Key` was used for a different request (another image or platform).",
+    ),
+    "PayloadTooLarge": (413, "The body is larger than `server.max_body_bytes`."),
+    "TooManyRequests": (
+        429,
+        "The user already has `server.max_active_tasks_per_user` unfinished tasks.",
+    ),
+    "Unavailable": (503, "NATS or the database failed; try again."),
+    "GatewayTimeout": (504, "NATS did not answer in time; try again."),
 }
-_OPTIONAL_AUTH: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
-_REQUIRED_AUTH: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-_OPEN_READS = {"/health"}  # gateway.auth.ALWAYS_OPEN, below API
+_HEADERS = {"Unauthorized": "WWW-Authenticate", "MethodNotAllowed": "Allow"}
 
 
-def _described(max_page_size: int) -> dict[str, dict[str, Schema]]:
-    """Path (below ``API``) -> method -> operation, for every route written by hand."""
-    return {
-        "/start": {
-            "post": {
-                "operationId": "startTask",
-                "tags": ["tasks"],
-                "summary": "Request a task: pull, compress and upload one image.",
-                "description": "Answers once the `requested` event is stored in JetStream; "
-                "the task's row follows from it (`/status` shows the task at once). With an "
-                "`Idempotency-Key` the task id follows from the username and the key: a "
-                "repeated start answers the same task, and starts no other.",
-                "parameters": [
-                    {
-                        "name": start.IDEMPOTENCY_HEADER,
-                        "in": "header",
-                        "required": False,
-                        "description": f"1-{start.IDEMPOTENCY_KEY_MAX} printable ASCII "
-                        "characters (space to `~`, none around it), else a 400. The same user's "
-                        "start with the same key answers the same task; with another image or "
-                        "platform it is a 409.",
-                        "schema": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": start.IDEMPOTENCY_KEY_MAX,
-                            "pattern": start.IDEMPOTENCY_KEY_PATTERN,
-                        },
-                    }
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("schemas", "StartRequest")}},
-                },
-                "responses": {
-                    **_ok(
-                        "The task was requested (message `任务已启动`).",
-                        _ref("schemas", "StartResult"),
-                    ),
-                    **_errors(
-                        "BadRequest",
-                        "Unauthorized",
-                        "Conflict",
-                        "PayloadTooLarge",
-                        "TooManyRequests",
-                        "Unavailable",
-                    ),
-                },
-            }
-        },
-        "/status/{task_id}": {
-            "get": {
-                "operationId": "getTask",
-                "tags": ["tasks"],
-                "summary": "One task, with its live stage figures.",
-                "description": "Until the persistence subscriber has recorded a task just "
-                "started, its `requested` event in the stream answers for it (`idle`).",
-                "parameters": [_task_id()],
-                "responses": {
-                    **_ok("The task.", _ref("schemas", "Task")),
-                    **_errors("BadRequest", "NotFound", "Unavailable"),
-                },
-            }
-        },
-        "/query": {
-            "get": {
-                "operationId": "queryTasks",
-                "tags": ["tasks"],
-                "summary": "Tasks matching every filter given, newest first.",
-                "parameters": [
-                    _query(
-                        "docker_image_name",
-                        {"type": "string", "maxLength": IMAGE_NAME_MAX},
-                        "Substring of the reference.",
-                    ),
-                    _query(
-                        "username",
-                        {"type": "string", "maxLength": USERNAME_MAX},
-                        "Exact user (trimmed).",
-                    ),
-                    _query("state", {"type": "string", "enum": [s.value for s in TaskState]}),
-                    _query(
-                        "page",
-                        {"type": "integer", "minimum": 1, "maximum": views.PAGE_MAX, "default": 1},
-                    ),
-                    _query(
-                        "page_size",
-                        {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": max_page_size,
-                            "default": min(views.DEFAULT_PAGE_SIZE, max_page_size),
-                        },
-                    ),
-                ],
-                "responses": {
-                    **_ok("One page of tasks and the total matching.", _ref("schemas", "TaskPage")),
-                    **_errors("BadRequest", "Unavailable"),
-                },
-            }
-        },
-        "/health": {
-            "get": {
-                "operationId": "health",
-                "tags": ["meta"],
-                "summary": "Whether NATS and the database answer.",
-                "responses": {
-                    **_ok("Healthy.", _ref("schemas", "Health")),
-                    "503": _json(
-                        "NATS or the database does not answer; `data` says which.",
-                        _envelope(503, _ref("schemas", "Health")),
-                    ),
-                },
-            }
-        },
-        "/events/{task_id}": {
-            "get": {
-                "operationId": "getTaskEvents",
-                "tags": ["events"],
-                "summary": "The task's events as stored in the stream.",
-                "parameters": [_task_id(), _include_progress()],
-                "responses": {
-                    **_ok("The events, oldest first.", _ref("schemas", "EventHistory")),
-                    **_errors("BadRequest", "NotFound", "Unavailable", "GatewayTimeout"),
-                },
-            }
-        },
-        "/events/{task_id}/stream": {
-            "get": {
-                "operationId": "streamTaskEvents",
-                "tags": ["events"],
-                "summary": "The task's events so far, then live ones until it ends (SSE).",
-                "parameters": [
-                    _task_id(),
-                    _include_progress(),
-                    {
-                        "name": "Last-Event-ID",
-                        "in": "header",
-                        "description": "Resume after this event.",
-                        "schema": {"type": "string"},
-                    },
-                ],
-                "responses": {
-                    "200": _SSE,
-                    "204": {"description": "The client already has the terminal event."},
-                    **_errors("BadRequest", "NotFound", "Unavailable", "GatewayTimeout"),
-                },
-            }
-        },
-        "/events/stream": {
-            "get": {
-                "operationId": "streamAllEvents",
-                "tags": ["events"],
-                "summary": "Every task's live events, optionally of one type (SSE).",
-                "parameters": [
-                    _query("type", {"type": "string", "enum": [t.value for t in EventType]})
-                ],
-                "responses": {"200": _SSE, **_errors("BadRequest", "Unavailable")},
-            }
-        },
-        "/cleanup": {
-            "post": {
-                "operationId": "startCleanup",
-                "tags": ["admin"],
-                "summary": "Run the gzip or object cleanup now.",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("schemas", "CleanupRequest")}},
-                },
-                "responses": {
-                    **_ok(
-                        "The run finished; `data` is its completed event.",
-                        _ref("schemas", "CleanupCompleted"),
-                    ),
-                    **_ok(
-                        "The run was requested but did not finish within `timeout`.",
-                        _ref("schemas", "CleanupPending"),
-                        status=202,
-                    ),
-                    **_errors("BadRequest", "Unauthorized", "PayloadTooLarge", "Unavailable"),
-                },
-            }
-        },
-        PATH: {
-            "get": {
-                "operationId": "getOpenApi",
-                "tags": ["meta"],
-                "summary": "This document (plain OpenAPI, not in the envelope).",
-                "responses": {
-                    "200": {
-                        "description": "The OpenAPI document.",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            }
-        },
+def _responses() -> dict[str, Schema]:
+    """The error answers, each the envelope with ``data`` null."""
+    responses = {}
+    for name, (status, description) in _ERRORS.items():
+        response = _json(description, _envelope(status, _NO_DATA))
+        if name in _HEADERS:
+            response["headers"] = {_HEADERS[name]: {"schema": {"type": "string"}}}
+        responses[name] = response
+    return responses
+
+
+def _operation(
+    operation: Operation, schemas: Mapping[tuple[Any, JsonSchemaMode], Schema]
+) -> Schema:
+    built: Schema = {
+        "operationId": operation.operation_id,
+        "tags": [operation.tag],
+        "summary": operation.summary,
     }
+    if operation.description:
+        built["description"] = operation.description
+    parameters = [
+        *_parameters(operation.path, "path"),
+        *_parameters(operation.query, "query"),
+        *_parameters(operation.headers, "header"),
+    ]
+    if parameters:
+        built["parameters"] = parameters
+    if operation.body is not None:
+        schema = schemas[(operation.body, "validation")]
+        built["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schema}},
+        }
+    responses: Schema = {}
+    for status, reply in operation.replies.items():
+        if reply.data is not None:
+            data = schemas[(reply.data, "serialization")]
+            responses[str(status)] = _json(reply.description, _envelope(status, data))
+        elif reply.content is not None:
+            responses[str(status)] = {"description": reply.description, "content": reply.content}
+        else:
+            responses[str(status)] = {"description": reply.description}
+    responses.update(operation.extra_responses)
+    responses.update({str(_ERRORS[name][0]): _ref("responses", name) for name in operation.errors})
+    built["responses"] = responses
+    return built
+
+
+def _schemas(
+    operations: Iterable[Operation],
+) -> tuple[dict[tuple[Any, JsonSchemaMode], Schema], dict[str, Schema]]:
+    """The schema of every body and answer of ``operations``, and the components."""
+    wanted: list[tuple[Any, JsonSchemaMode]] = [(envelope.Envelope, "serialization")]
+    for operation in operations:
+        if operation.body is not None:
+            wanted.append((operation.body, "validation"))
+        wanted.extend((r.data, "serialization") for r in operation.replies.values() if r.data)
+    return _definitions(wanted)
+
+
+# --- the document ----------------------------------------------------------------------
 
 
 def _undescribed(path: str) -> Schema:
@@ -634,22 +434,27 @@ def _undescribed(path: str) -> Schema:
     }
 
 
-def _secured(path: str, method: str, operation: Schema, auth: AuthSettings) -> Schema:
+_OPTIONAL_AUTH: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+_REQUIRED_AUTH: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+
+
+def _secured(path: str, method: str, operation: Schema, auth_settings: AuthSettings) -> Schema:
     """``operation`` with the security the settings give it (see the module docstring)."""
     if method not in {"get", "head", "options"}:
-        security = _REQUIRED_AUTH if auth.enabled else _OPTIONAL_AUTH
+        security = _REQUIRED_AUTH if auth_settings.enabled else _OPTIONAL_AUTH
         responses = {**operation["responses"], "401": _ref("responses", "Unauthorized")}
         return {**operation, "security": security, "responses": responses}
-    if auth.enabled and auth.protect_reads and path not in _OPEN_READS:
+    if auth_settings.enabled and auth_settings.protect_reads and path not in _OPEN_READS:
         responses = {**operation["responses"], "401": _ref("responses", "Unauthorized")}
         return {**operation, "security": _REQUIRED_AUTH, "responses": responses}
     return operation
 
 
-def _scheme_description(auth: AuthSettings) -> str:
-    if not auth.enabled:
+def _scheme_description(auth_settings: AuthSettings) -> str:
+    if not auth_settings.enabled:
         return "Not enforced (auth.enabled is off); POST endpoints accept it."
-    reads = "and every GET but /health " if auth.protect_reads else ""
+    open_reads = ", ".join(sorted(_OPEN_READS))
+    reads = f"and every GET but {open_reads} " if auth_settings.protect_reads else ""
     return (
         f"Required by POST endpoints {reads}(auth.enabled); "
         "`POST /start` takes the task's username from the token's name."
@@ -681,12 +486,14 @@ def _version() -> str:
 def document(app: web.Application) -> dict[str, Any]:
     """The OpenAPI document for the routes ``app`` has now."""
     settings = app[SETTINGS]
-    described = _described(settings.server.max_page_size)
+    described = _operations(settings)
+    schemas, components = _schemas(op for item in described.values() for op in item.values())
     paths: dict[str, dict[str, Schema]] = {}
     for path, method in _routes(app):
-        operation = described.get(path, {}).get(method) or _undescribed(path)
+        found = described.get(path, {}).get(method)
+        operation = _undescribed(path) if found is None else _operation(found, schemas)
         paths.setdefault(path, {})[method] = _secured(path, method, operation, settings.auth)
-    return {
+    built = {
         "openapi": VERSION,
         "info": {
             "title": "DCU",
@@ -697,15 +504,10 @@ def document(app: web.Application) -> dict[str, Any]:
             "a method a path does not take 405 (with `Allow`), both in the envelope.",
         },
         "servers": [{"url": API}],
-        "tags": [
-            {"name": "tasks"},
-            {"name": "events"},
-            {"name": "admin"},
-            {"name": "meta"},
-        ],
+        "tags": [{"name": "tasks"}, {"name": "events"}, {"name": "admin"}, {"name": "meta"}],
         "paths": paths,
         "components": {
-            "schemas": _schemas(settings.auth),
+            "schemas": components,
             "responses": _responses(),
             "securitySchemes": {
                 "bearerAuth": {
@@ -716,6 +518,7 @@ def document(app: web.Application) -> dict[str, Any]:
             },
         },
     }
+    return dict(_one_line(built))
 
 
 async def serve(request: web.Request) -> web.Response:

@@ -27,29 +27,17 @@ from datetime import datetime
 
 from aiohttp import web
 
-from events.limits import IMAGE_NAME_MAX
-from events.platform import InvalidPlatform, parse_platform
-from events.reference import InvalidReference, parse_reference, registry_refusal
 from events.schema import DecodeError, Event, EventType, Requested, once_per_task_id
 from events.states import TaskState
-from gateway import auth, envelope, views
-from gateway.http import read_object, respond
+from gateway import auth, envelope, models
+from gateway.http import parse_body, parse_headers, respond
 from gateway.keys import BUS, REPOSITORY, SETTINGS
-from kernel.errors import (
-    BusError,
-    Conflict,
-    InvalidInput,
-    NotFound,
-    TooManyRequests,
-)
+from gateway.models import IDEMPOTENCY_HEADER
+from kernel.errors import BusError, Conflict, NotFound, TooManyRequests
 from persistence.repository import TaskDetailRecord, TaskRecord, TaskRepository
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-IDEMPOTENCY_KEY_MAX = 200
-# Printable ASCII (space to ~), not starting or ending with a space: HTTP strips those.
-IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
 KEY_NAMESPACE = uuid.UUID("8febc72a-0ef1-4099-8b5d-33d51f8f1277")
 PUBLISH_ATTEMPTS = 3  # each waits up to bus.publish's 10 s for the acknowledgement
 PUBLISH_BACKOFF = 0.25  # seconds before the second attempt, doubled before each next one
@@ -101,26 +89,6 @@ def setup(app: web.Application) -> None:
     app[PENDING] = PendingStarts()
 
 
-def check_idempotency_key(values: list[str]) -> str | None:
-    """The ``Idempotency-Key`` header's value, None without one; raises InvalidInput
-    unless it is given once and is 1-200 printable ASCII characters."""
-    if not values:
-        return None
-    rule = f"{IDEMPOTENCY_HEADER} must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters"
-    if len(values) > 1:
-        raise InvalidInput(f"{rule}, in one header; got {len(values)} {IDEMPOTENCY_HEADER} headers")
-    key = values[0]
-    if not key:
-        raise InvalidInput(f"{rule}; got an empty value")
-    if len(key) > IDEMPOTENCY_KEY_MAX:
-        raise InvalidInput(f"{rule}; got {len(key)} characters")
-    for position, ch in enumerate(key, 1):
-        if not " " <= ch <= "~":
-            kind = "a control character" if ch.isascii() else "a non-ASCII character"
-            raise InvalidInput(f"{rule}; got {kind} at position {position}")
-    return key
-
-
 def task_id_for_key(username: str, key: str) -> str:
     """The task id of ``username``'s start with Idempotency-Key ``key``."""
     return str(uuid.uuid5(KEY_NAMESPACE, f"{username}\n{key}"))
@@ -137,7 +105,7 @@ def requested_event(task_id: str, payload: Requested) -> Event:
 
 @dataclass(frozen=True, slots=True)
 class StreamTask:
-    """A task known from its ``requested`` event only (no row yet): ``views.TaskLike``."""
+    """A task known from its ``requested`` event only (no row yet): ``models.TaskLike``."""
 
     task_id: str
     username: str
@@ -320,42 +288,26 @@ async def start_task(request: web.Request) -> web.Response:
     TooManyRequests when the user is at ``server.max_active_tasks_per_user``, BusError
     when NATS does not take the event.
     """
-    key = check_idempotency_key(request.headers.getall(IDEMPOTENCY_HEADER, []))
-    data = await read_object(request)
+    key = parse_headers(request, models.StartHeaders).idempotency_key
     authenticated = request.get(auth.USER)
-    if authenticated is None and "username" not in data:
-        raise InvalidInput("missing field: username")
-    if "docker_image_name" not in data:
-        raise InvalidInput("missing field: docker_image_name")
-    username = views.check_username(data["username"]) if "username" in data else ""
-    if authenticated is not None:
-        username = authenticated  # the token's name wins; the body's was only checked
-    try:
-        ref = parse_reference(data["docker_image_name"])
-    except InvalidReference as exc:
-        raise InvalidInput(str(exc)) from None
-    if len(ref.original) > IMAGE_NAME_MAX:
-        raise InvalidInput(f"docker_image_name is longer than {IMAGE_NAME_MAX} characters")
     settings = request.app[SETTINGS]
-    refusal = registry_refusal(ref, settings.docker.allowed_registries)
-    if refusal is not None:
-        raise InvalidInput(refusal)
-    platform = None
-    if "platform" in data:
-        try:
-            platform = str(parse_platform(data["platform"]))
-        except InvalidPlatform as exc:
-            raise InvalidInput(str(exc)) from None
+    model = models.StartRequest if authenticated is None else models.TokenStartRequest
+    body = await parse_body(request, model, settings)
+    # the token's name wins; the body's was only checked
+    username = body.username if authenticated is None else authenticated
     task_id = str(uuid.uuid4()) if key is None else task_id_for_key(username, key)
     event = requested_event(
-        task_id, Requested(username=username, docker_image_name=ref.original, platform=platform)
+        task_id,
+        Requested(
+            username=username, docker_image_name=body.docker_image_name, platform=body.platform
+        ),
     )
     if settings.server.max_active_tasks_per_user:
         async with request.app[START_LOCK]:
             state = await _start(request.app, event, key)
     else:
         state = await _start(request.app, event, key)
-    return respond(envelope.ok({"task_id": task_id, "state": state.value}, envelope.STARTED))
+    return respond(envelope.ok(models.StartResult(task_id=task_id, state=state), envelope.STARTED))
 
 
 async def stream_task(

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from schemathesis import Case, CheckContext, Response
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from gateway import openapi
+from gateway import asyncapi, openapi
 from gateway.app import create_app
 from kernel.settings import ServerSettings, Settings
 from tests.fuzz.conftest import MAX_EXAMPLES, MAX_PAGE_SIZE, Tally
@@ -123,6 +123,7 @@ schema = (
     .exclude(path_regex=r"/stream$")
     .exclude(path="/cleanup")
     .exclude(path=openapi.PATH)
+    .exclude(path=asyncapi.PATH)  # plain documents, not the envelope
 )
 
 
