@@ -14,36 +14,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from actors import object_store
+from actors import object_store as object_store_module
 from actors.object_store import LocalObjectStore, ObjectStore, S3ObjectStore
 from kernel.errors import StorageError
 from kernel.settings import MinioSettings
+from tests.servers.s3 import MIN_PART_SIZE, S3Server
 
 MIB = 1024 * 1024
-PART = 5 * MIB  # the smallest part S3 accepts, so that a few MiB make a multipart upload
+PART = MIN_PART_SIZE  # object_store's part size: a few MiB make a multipart upload
 STALE = 90.0  # seconds: 3 x the default nats.ack_wait, what the upload stage passes
 
 
-def s3_settings(s3_server, **overrides) -> MinioSettings:
-    return MinioSettings(
-        endpoint=s3_server.endpoint,
-        access_key=s3_server.access_key,
-        secret_key=s3_server.secret_key,
-        bucket=f"dcu-{uuid.uuid4().hex[:8]}",
-        **overrides,
-    )
-
-
-@pytest.fixture(params=["s3", "local"])
-async def store(request, s3_server, tmp_path: Path) -> AsyncIterator[ObjectStore]:
-    if request.param == "s3":
-        opened: ObjectStore = S3ObjectStore(s3_settings(s3_server, part_size=PART))
-    else:
-        opened = LocalObjectStore(MinioSettings(local_path=str(tmp_path / "objects")))
-    try:
-        yield opened
-    finally:
-        await opened.close()
+def s3_settings(s3_server: S3Server, **overrides) -> MinioSettings:
+    return s3_server.minio_settings(bucket=f"dcu-{uuid.uuid4().hex[:8]}", **overrides)
 
 
 async def _start_unfinished_upload(store: ObjectStore, name: str, tmp_path: Path) -> None:
@@ -61,62 +44,62 @@ async def _start_unfinished_upload(store: ObjectStore, name: str, tmp_path: Path
         target.with_name(target.name + ".part").write_bytes(b"half")
 
 
-async def test_put_stat_list_fetch_remove(store: ObjectStore, tmp_path: Path) -> None:
+async def test_put_stat_list_fetch_remove(object_store: ObjectStore, tmp_path: Path) -> None:
     source = tmp_path / "a.tar.gz"
     source.write_bytes(b"archive-bytes" * 1000)
     name = f"dcu/{uuid.uuid4()}/a.tar.gz"
-    stored = await store.put_file(name, source, {"dcu-sha256": "abc"})
+    stored = await object_store.put_file(name, source, {"dcu-sha256": "abc"})
     assert stored.size == source.stat().st_size
-    info = await store.stat(name)
+    info = await object_store.stat(name)
     assert info is not None and info.metadata["dcu-sha256"] == "abc"
-    assert [o.name for o in await store.list("dcu/")] == [name]
+    assert [o.name for o in await object_store.list("dcu/")] == [name]
     copy = tmp_path / "copy"
-    await store.fetch(name, copy)
+    await object_store.fetch(name, copy)
     assert copy.read_bytes() == source.read_bytes()
-    await store.remove(name)
-    assert await store.stat(name) is None
+    await object_store.remove(name)
+    assert await object_store.stat(name) is None
 
 
-async def test_unfinished_uploads_are_aborted(store: ObjectStore, tmp_path: Path) -> None:
+async def test_unfinished_uploads_are_aborted(object_store: ObjectStore, tmp_path: Path) -> None:
     # Given an upload that died half-way, and a finished object beside it
     name = f"dcu/{uuid.uuid4()}/image.tar.gz"
     other = f"dcu/{uuid.uuid4()}/other.tar.gz"
     source = tmp_path / "o.tar.gz"
     source.write_bytes(b"done")
-    await store.put_file(other, source, {})
-    await _start_unfinished_upload(store, name, tmp_path)
+    await object_store.put_file(other, source, {})
+    await _start_unfinished_upload(object_store, name, tmp_path)
     # When the next attempt cleans up first, long after the dead one's last part
     later = datetime.now(UTC) + timedelta(seconds=STALE + 60)
-    assert await store.abort_incomplete(name, older_than=STALE, now=later) == 1
+    assert await object_store.abort_incomplete(name, older_than=STALE, now=later) == 1
     # Then nothing of the dead attempt is left, and nothing else was touched
-    assert await store.abort_incomplete(name, older_than=None) == 0
-    assert await store.stat(name) is None
-    assert await store.stat(other) is not None
+    assert await object_store.abort_incomplete(name, older_than=None) == 0
+    assert await object_store.stat(name) is None
+    assert await object_store.stat(other) is not None
 
 
 async def test_a_young_unfinished_upload_is_left_to_its_run(
-    store: ObjectStore, tmp_path: Path
+    object_store: ObjectStore, tmp_path: Path
 ) -> None:
     # Given an upload whose last part was written just now (a duplicate run still going)
     name = f"dcu/{uuid.uuid4()}/image.tar.gz"
-    await _start_unfinished_upload(store, name, tmp_path)
+    await _start_unfinished_upload(object_store, name, tmp_path)
     # When another run of the same upload starts and cleans up by the real clock
-    aborted = await store.abort_incomplete(name, older_than=STALE)
+    aborted = await object_store.abort_incomplete(name, older_than=STALE)
     # Then the live upload is left alone
     assert aborted == 0
     # and it is only aborted once it has been quiet for longer than the threshold
     later = datetime.now(UTC) + timedelta(seconds=STALE + 60)
-    assert await store.abort_incomplete(name, older_than=STALE, now=later) == 1
-    assert await store.abort_incomplete(name, older_than=None) == 0
+    assert await object_store.abort_incomplete(name, older_than=STALE, now=later) == 1
+    assert await object_store.abort_incomplete(name, older_than=None) == 0
 
 
 async def test_every_unfinished_upload_goes_without_a_threshold(
-    store: ObjectStore, tmp_path: Path
+    object_store: ObjectStore, tmp_path: Path
 ) -> None:
     name = f"dcu/{uuid.uuid4()}/image.tar.gz"
-    await _start_unfinished_upload(store, name, tmp_path)
-    assert await store.abort_incomplete(name, older_than=None) == 1
-    assert await store.abort_incomplete(name, older_than=None) == 0
+    await _start_unfinished_upload(object_store, name, tmp_path)
+    assert await object_store.abort_incomplete(name, older_than=None) == 1
+    assert await object_store.abort_incomplete(name, older_than=None) == 0
 
 
 async def test_local_store_refuses_names_that_escape(tmp_path: Path) -> None:
@@ -140,7 +123,7 @@ async def _pending_uploads(store: S3ObjectStore, name: str) -> list[str]:
     return [upload.upload_id for upload in result.uploads if upload.object_name == name]
 
 
-async def test_multipart_upload_round_trips(store: ObjectStore, tmp_path: Path) -> None:
+async def test_multipart_upload_round_trips(object_store: ObjectStore, tmp_path: Path) -> None:
     # Given a file of three and a half parts
     source = tmp_path / "big.tar.gz"
     source.write_bytes(os.urandom(7 * PART // 2))
@@ -148,67 +131,71 @@ async def test_multipart_upload_round_trips(store: ObjectStore, tmp_path: Path) 
     name = f"dcu/{uuid.uuid4()}/big.tar.gz"
     calls: list[tuple[int, int | None]] = []
     # When it is uploaded
-    stored = await store.put_file(
+    stored = await object_store.put_file(
         name, source, {"dcu-task-id": "t1"}, lambda done, total: calls.append((done, total))
     )
     # Then the object is the file, with its metadata, and progress went up to the end
     assert stored.size == size
     assert stored.metadata == {"dcu-task-id": "t1"}
     copy = tmp_path / "copy"
-    await store.fetch(name, copy)
+    await object_store.fetch(name, copy)
     assert copy.read_bytes() == source.read_bytes()
     assert calls[-1] == (size, size)
     assert all(total == size for _, total in calls)
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
-    if isinstance(store, S3ObjectStore):
+    if isinstance(object_store, S3ObjectStore):
         assert len(calls) == 4
-        obj = await store.client.stat_object(store._settings.bucket, name)
+        obj = await object_store.client.stat_object(object_store._settings.bucket, name)
         assert obj.etag is not None and obj.etag.endswith("-4")
         assert obj.content_type == "application/gzip"
 
 
 @pytest.mark.parametrize("size", [pytest.param(0, id="empty"), pytest.param(1, id="one-byte")])
-async def test_files_smaller_than_a_part(store: ObjectStore, tmp_path: Path, size: int) -> None:
+async def test_files_smaller_than_a_part(
+    object_store: ObjectStore, tmp_path: Path, size: int
+) -> None:
     source = tmp_path / "small.tar.gz"
     source.write_bytes(b"x" * size)
     name = f"dcu/{uuid.uuid4()}/small.tar.gz"
     calls: list[tuple[int, int | None]] = []
-    stored = await store.put_file(name, source, {}, lambda done, total: calls.append((done, total)))
+    stored = await object_store.put_file(
+        name, source, {}, lambda done, total: calls.append((done, total))
+    )
     assert stored.size == size
     assert calls[-1] == (size, size)
     copy = tmp_path / "copy"
-    await store.fetch(name, copy)
+    await object_store.fetch(name, copy)
     assert copy.read_bytes() == source.read_bytes()
 
 
-async def test_upload_checks_the_sha256_given(store: ObjectStore, tmp_path: Path) -> None:
+async def test_upload_checks_the_sha256_given(object_store: ObjectStore, tmp_path: Path) -> None:
     source = tmp_path / "a.tar.gz"
     source.write_bytes(os.urandom(PART + 1000))
     right = hashlib.sha256(source.read_bytes()).hexdigest()
     name = f"dcu/{uuid.uuid4()}/a.tar.gz"
     # When the file does not hash to the sha256 given (it changed since it was hashed)
     with pytest.raises(StorageError, match="sha256"):
-        await store.put_file(name, source, {}, sha256=hashlib.sha256(b"other").hexdigest())
+        await object_store.put_file(name, source, {}, sha256=hashlib.sha256(b"other").hexdigest())
     # Then nothing is stored, not even an unfinished upload
-    assert await store.stat(name) is None
-    assert await store.abort_incomplete(name, older_than=None) == 0
+    assert await object_store.stat(name) is None
+    assert await object_store.abort_incomplete(name, older_than=None) == 0
     # And with the right one, the upload goes through
-    stored = await store.put_file(name, source, {}, sha256=right)
+    stored = await object_store.put_file(name, source, {}, sha256=right)
     assert stored.size == source.stat().st_size
 
 
 async def test_refused_upload_keeps_the_object_it_would_replace(
-    store: ObjectStore, tmp_path: Path
+    object_store: ObjectStore, tmp_path: Path
 ) -> None:
     name = f"dcu/{uuid.uuid4()}/a.tar.gz"
     first = tmp_path / "first"
     first.write_bytes(b"first")
-    await store.put_file(name, first, {"attempt": "1"})
+    await object_store.put_file(name, first, {"attempt": "1"})
     second = tmp_path / "second"
     second.write_bytes(b"second")
     with pytest.raises(StorageError):
-        await store.put_file(name, second, {"attempt": "2"}, sha256="0" * 64)
-    info = await store.stat(name)
+        await object_store.put_file(name, second, {"attempt": "2"}, sha256="0" * 64)
+    info = await object_store.stat(name)
     assert info is not None and info.metadata == {"attempt": "1"}
 
 
@@ -286,7 +273,7 @@ async def test_an_abort_the_server_refuses_once_is_tried_again(
 
     monkeypatch.setattr(s3_store.client, "_upload_part", failing)
     monkeypatch.setattr(s3_store.client, "_abort_multipart_upload", refused_once)
-    monkeypatch.setattr(object_store, "ABORT_BACKOFF", 0.0)
+    monkeypatch.setattr(object_store_module, "ABORT_BACKOFF", 0.0)
 
     with pytest.raises(StorageError, match="part 2"):
         await s3_store.put_file(name, source, {})
@@ -295,45 +282,45 @@ async def test_an_abort_the_server_refuses_once_is_tried_again(
     assert await _pending_uploads(s3_store, name) == []
 
 
-async def test_copy_replaces_the_metadata(store: ObjectStore, tmp_path: Path) -> None:
+async def test_copy_replaces_the_metadata(object_store: ObjectStore, tmp_path: Path) -> None:
     source = tmp_path / "a.tar.gz"
     source.write_bytes(b"archive-bytes" * 1000)
     original = f"dcu/{uuid.uuid4()}/a.tar.gz"
-    await store.put_file(original, source, {"dcu-task-id": "t1", "dcu-sha256": "abc"})
+    await object_store.put_file(original, source, {"dcu-task-id": "t1", "dcu-sha256": "abc"})
     dest = f"dcu/{uuid.uuid4()}/a.tar.gz"
-    copied = await store.copy(original, dest, {"dcu-task-id": "t2"})
+    copied = await object_store.copy(original, dest, {"dcu-task-id": "t2"})
     assert copied.name == dest
     assert copied.size == source.stat().st_size
     assert copied.metadata == {"dcu-task-id": "t2"}
-    info = await store.stat(original)
+    info = await object_store.stat(original)
     assert info is not None and info.metadata == {"dcu-task-id": "t1", "dcu-sha256": "abc"}
     fetched = tmp_path / "fetched"
-    await store.fetch(dest, fetched)
+    await object_store.fetch(dest, fetched)
     assert fetched.read_bytes() == source.read_bytes()
-    if isinstance(store, S3ObjectStore):
-        obj = await store.client.stat_object(store._settings.bucket, dest)
+    if isinstance(object_store, S3ObjectStore):
+        obj = await object_store.client.stat_object(object_store._settings.bucket, dest)
         assert obj.content_type == "application/gzip"
 
 
-async def test_copy_of_a_missing_object_fails(store: ObjectStore) -> None:
+async def test_copy_of_a_missing_object_fails(object_store: ObjectStore) -> None:
     missing = f"dcu/{uuid.uuid4()}/gone.tar.gz"
     with pytest.raises(StorageError, match=f"{missing} does not exist"):
-        await store.copy(missing, f"dcu/{uuid.uuid4()}/a.tar.gz", {})
+        await object_store.copy(missing, f"dcu/{uuid.uuid4()}/a.tar.gz", {})
 
 
-async def test_put_and_get_bytes(store: ObjectStore) -> None:
+async def test_put_and_get_bytes(object_store: ObjectStore) -> None:
     name = f"dcu/reuse/{uuid.uuid4()}.json"
     data = b'{"object": "dcu/t1/a.tar.gz"}'
-    stored = await store.put_bytes(name, data, {"dcu-kind": "pointer"})
+    stored = await object_store.put_bytes(name, data, {"dcu-kind": "pointer"})
     assert stored.size == len(data)
     assert stored.metadata == {"dcu-kind": "pointer"}
-    assert await store.get_bytes(name) == data
+    assert await object_store.get_bytes(name) == data
     with pytest.raises(StorageError, match="larger than 10 bytes"):
-        await store.get_bytes(name, limit=10)
-    assert await store.get_bytes(f"dcu/reuse/{uuid.uuid4()}.json") is None
+        await object_store.get_bytes(name, limit=10)
+    assert await object_store.get_bytes(f"dcu/reuse/{uuid.uuid4()}.json") is None
     empty = f"dcu/reuse/{uuid.uuid4()}.json"
-    await store.put_bytes(empty, b"", {})
-    assert await store.get_bytes(empty) == b""
+    await object_store.put_bytes(empty, b"", {})
+    assert await object_store.get_bytes(empty) == b""
 
 
 async def test_upload_memory_is_bounded(s3_server, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""Fixtures for the broker tests: a private nats-server per test, uuid-named streams,
-subject prefixes and queues, and harnesses that run the same contract tests against the
-JetStream broker and dramatiq's StubBroker.
+"""Fixtures for the broker tests: a private nats-server per test (from ``nats_factory``:
+some tests stop or restart it), uuid-named streams, subject prefixes and queues, and
+harnesses that run the same contract tests against the JetStream broker and dramatiq's
+StubBroker.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -24,7 +24,8 @@ from nats.js import api
 
 from dramatiq_jetstream import JetStreamBroker, durable_name
 from tests.e2e.helpers import subject_matches
-from tests.servers.nats import NatsServer
+from tests.polling import wait_until
+from tests.servers.nats import NatsFactory, NatsServer
 
 WORKER_TIMEOUT_MS = 250
 
@@ -118,25 +119,27 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
 
     def add(self, *call: Any) -> None:
-        with self._cond:
+        with self._lock:
             self.calls.append((time.monotonic(), *call))
-            self._cond.notify_all()
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[tuple[Any, ...]]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.calls) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"expected {count} calls, got {self.calls!r}")
-                self._cond.wait(remaining)
+        return wait_until(
+            self.snapshot,
+            until=lambda calls: len(calls) >= count,
+            timeout=timeout,
+            what=f"{count} calls",
+            interval=0.01,
+        )
+
+    def snapshot(self) -> list[tuple[Any, ...]]:
+        with self._lock:
             return list(self.calls)
 
     def __len__(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self.calls)
 
 
@@ -178,21 +181,14 @@ class JetStreamEnv:
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(store=tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def js_env(nats_server: NatsServer) -> Iterator[JetStreamEnv]:
+def js_env(nats_factory: NatsFactory) -> Iterator[JetStreamEnv]:
+    """A private server: some tests stop or restart it."""
+    server = nats_factory()
     prefix = unique("t")
     stream = unique("S")
-    tool = NatsTool(nats_server.url, stream)
+    tool = NatsTool(server.url, stream)
     tool.create_stream([f"{prefix}.>"])
-    env = JetStreamEnv(server=nats_server, stream=stream, prefix=prefix, tool=tool)
+    env = JetStreamEnv(server=server, stream=stream, prefix=prefix, tool=tool)
     try:
         yield env
     finally:

@@ -24,6 +24,7 @@ from nats.js import api
 import dramatiq_jetstream.broker as broker_module
 from dramatiq_jetstream import JetStreamBroker, durable_name
 from tests.broker.conftest import BrokerHarness, JetStreamEnv, Recorder, declare, run, unique
+from tests.polling import wait_until
 from tests.servers.base import free_port
 
 # -- contract: JetStream broker and StubBroker --------------------------------------------
@@ -314,10 +315,13 @@ def test_message_abandoned_by_a_dead_process_is_redelivered(js_env: JetStreamEnv
         )
     )
     consumer = dying.consume(queue, prefetch=1, timeout=1000)
-    taken = None
-    deadline = time.monotonic() + 10
-    while taken is None and time.monotonic() < deadline:
-        taken = next(consumer)
+    taken = wait_until(
+        lambda: next(consumer),
+        until=lambda message: message is not None,
+        timeout=10,
+        what=f"a message from {queue}",
+        interval=0,
+    )
     assert taken is not None and taken.args == ("precious",)
 
     # When: the process dies without acking (its connection and keep-alives just stop).
@@ -414,10 +418,13 @@ class _NackRecorder(dramatiq.Middleware):
 
 def _take_and_abandon(consumer: Any, broker: JetStreamBroker) -> Any:
     """Fetch the next message and forget it, as a SIGKILLed worker would."""
-    taken = None
-    deadline = time.monotonic() + 15
-    while taken is None and time.monotonic() < deadline:
-        taken = next(consumer)
+    taken = wait_until(
+        lambda: next(consumer),
+        until=lambda message: message is not None,
+        timeout=15,
+        what="the next message",
+        interval=0,
+    )
     assert taken is not None
     with broker._lock:
         broker._outstanding.clear()
@@ -699,10 +706,13 @@ def test_closing_hands_back_what_it_still_holds(js_env: JetStreamEnv) -> None:
         dramatiq.Message(queue_name=queue, actor_name="work", args=("x",), kwargs={}, options={})
     )
     consumer = leaving.consume(queue, prefetch=1, timeout=1000)
-    taken = None
-    deadline = time.monotonic() + 10
-    while taken is None and time.monotonic() < deadline:
-        taken = next(consumer)
+    taken = wait_until(
+        lambda: next(consumer),
+        until=lambda message: message is not None,
+        timeout=10,
+        what=f"a message from {queue}",
+        interval=0,
+    )
     assert taken is not None
     # When it closes without acking
     leaving.close()

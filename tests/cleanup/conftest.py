@@ -1,5 +1,6 @@
-"""Fixtures for the cleanup tests: a controllable clock, a uuid-named stream and prefix
-on the session's nats-server, and object stores (S3 on moto, local directory)."""
+"""Fixtures for the cleanup tests: a controllable clock, and a uuid-named stream and
+prefix on the session's nats-server. (The object stores, S3 on moto and a local
+directory, are ``object_store`` of ``tests/conftest.py``.)"""
 
 from __future__ import annotations
 
@@ -8,18 +9,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import nats
 import pytest
 from nats.js import JetStreamContext
-from pydantic import SecretStr
 
-from actors.object_store import ObjectStore, open_store
 from bus import Bus as NatsBus
-from kernel.settings import MinioSettings, NatsSettings, Settings, StorageSettings
+from kernel.settings import NatsSettings, Settings, StorageSettings
 from tests.servers.nats import NatsServer
-from tests.servers.s3 import S3Server
 
 
 @dataclass
@@ -104,30 +101,3 @@ async def jetstream(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
         yield nc.jetstream()
     finally:
         await nc.close()
-
-
-def _minio_settings(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> MinioSettings:
-    bucket = f"dcu-clean-{uuid.uuid4().hex[:12]}"
-    if kind == "local":
-        return MinioSettings(endpoint="", local_path=str(tmp_path / "objects"), bucket=bucket)
-    s3: S3Server = request.getfixturevalue("s3_server")
-    return MinioSettings(
-        endpoint=s3.endpoint,
-        access_key=SecretStr(s3.access_key),
-        secret_key=SecretStr(s3.secret_key),
-        bucket=bucket,
-        region=s3.region,
-    )
-
-
-@pytest.fixture(params=[pytest.param("s3", id="s3"), pytest.param("local", id="local")])
-async def object_store(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[ObjectStore]:
-    """The same contract tests run against the S3 store (moto) and the local store."""
-    store = open_store(_minio_settings(request.param, request, tmp_path))
-    try:
-        await store.ensure_bucket()
-        yield store
-    finally:
-        await store.close()

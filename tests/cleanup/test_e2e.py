@@ -25,6 +25,7 @@ from events.reference import parse_reference
 from kernel.settings import MinioSettings
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import EventRecorder
+from tests.polling import wait_until
 from tests.servers.dcu_process import DcuProcess
 from tests.servers.s3 import S3Server
 
@@ -97,9 +98,7 @@ def cleanup_events(
 
 
 def test_serve_runs_the_cleanup_timer(service: DcuProcess) -> None:
-    deadline = time.monotonic() + 10
-    while "cleanup timer" not in service.log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    service.wait_for_log("cleanup timer", timeout=10)
     assert f"gzip at '{NEVER_DURING_A_TEST}' UTC" in service.log.read_text()
 
 
@@ -197,11 +196,13 @@ def test_a_run_not_finished_in_time_answers_202_with_the_request_id(
         request_id = body["data"]["request_id"]
         assert body["data"]["subject"] == f"{prefix}.cleanup.gzip.completed"
         # the run still happens: its completion arrives on that subject
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            _, completed = cleanup_events(recorder, "gzip")
-            if any(e["payload"]["request_id"] == request_id for e in completed):
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"no completion for {request_id}: {recorder.events}")
+        wait_until(
+            lambda: any(
+                e["payload"]["request_id"] == request_id
+                for e in cleanup_events(recorder, "gzip")[1]
+            ),
+            timeout=15,
+            what=f"the completion of {request_id}",
+            interval=0.1,
+            describe=lambda: f"events: {recorder.events}",
+        )

@@ -19,16 +19,6 @@ from tests.servers.dcu_process import DCU, DcuProcess
 pytestmark = pytest.mark.e2e
 
 
-def wait_for_log(process: DcuProcess, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.log.exists() and text in process.log.read_text():
-            return
-        assert process.process is not None and process.process.alive(), process.log.read_text()
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not in {process.name}'s log:\n{process.log.read_text()}")
-
-
 @pytest.fixture
 def roles(nats_server, docker_engine, tmp_path: Path) -> Iterator[dict[str, DcuProcess]]:
     tag = uuid.uuid4().hex[:8]
@@ -56,7 +46,7 @@ def test_gateway_worker_and_timer_processes_clean_up_together(roles) -> None:
     archive.write_bytes(b"a" * 123)
     old = time.time() - 3 * 86400
     os.utime(archive, (old, old))
-    wait_for_log(roles["timer"], "cleanup timer")
+    roles["timer"].wait_for_log("cleanup timer")
 
     # When an operator asks the gateway (another process) for a gzip cleanup
     status, body = roles["gateway"].post("/cleanup", {"kind": "gzip"})
@@ -68,7 +58,7 @@ def test_gateway_worker_and_timer_processes_clean_up_together(roles) -> None:
         123,
     )
     assert not archive.exists()
-    wait_for_log(worker, "cleanup gzip: request")
+    worker.wait_for_log("cleanup gzip: request")
     # And the timer stops cleanly on SIGTERM
     assert roles["timer"].terminate(timeout=20) == 0
 

@@ -13,6 +13,7 @@ import pytest
 
 from actors.timer import CleanupTimer
 from tests.cleanup.conftest import Bus, FakeClock
+from tests.polling import eventually
 
 # 2026-01-03 is a Saturday: 30 s later both the daily (gzip) and the weekly (objects,
 # Sundays) schedules tick.
@@ -41,13 +42,21 @@ async def run_until_parked(timers: list[tuple[CleanupTimer, FakeClock]], loops: 
     """Run the timers until ``loops`` schedule loops wait beyond the clock's horizon."""
     stop = asyncio.Event()
     tasks = [asyncio.create_task(timer.run(stop)) for timer, _ in timers]
+
+    def parked() -> int:
+        for task in tasks:
+            if task.done():
+                task.result()  # a timer that died: show why
+        return sum(clock.parked for _, clock in timers)
+
     try:
-        async with asyncio.timeout(20):
-            while sum(clock.parked for _, clock in timers) < loops:
-                for task in tasks:
-                    if task.done():
-                        task.result()  # a timer that died: show why
-                await asyncio.sleep(0.01)
+        await eventually(
+            parked,
+            until=lambda count: count >= loops,
+            timeout=20,
+            what=f"{loops} schedule loops parked past the horizon",
+            interval=0.01,
+        )
     finally:
         stop.set()
         await asyncio.gather(*tasks)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
 import re
 import sqlite3
 import subprocess
 import threading
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -291,3 +293,23 @@ def incomplete_uploads(s3: S3Server, bucket: str) -> list[str]:
             await client.close_session()
 
     return asyncio.run(main())
+
+
+def post_start(
+    service: Any, body: dict[str, Any], headers: Sequence[tuple[str, str | bytes]] = ()
+) -> tuple[int, dict[str, Any]]:
+    """POST /start to the gateway on 127.0.0.1:``service.port`` (a ``DcuProcess`` or the
+    in-process one) with these headers, each sent as given (bytes: raw, repeats kept)."""
+    data = json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/api/dcu/start")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(data)))
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(data)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ import pytest
 from kernel.settings import NatsSettings
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import stream_events
+from tests.polling import wait_until
 from tests.servers.dcu_process import DcuProcess
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.images import PushedImages
-from tests.servers.nats import NatsCluster
+from tests.servers.nats import NatsFactory
 from tests.servers.s3 import S3Server
 
 pytestmark = pytest.mark.e2e
@@ -42,29 +42,28 @@ def _jetstream(url: str, action: Any) -> Any:
     return asyncio.run(main())
 
 
-def _wait(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if result := condition():
-                return result
-        except Exception as exc:  # the cluster is electing: ask again
-            last = exc
-        else:
-            last = None
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} ({last!r})")
-        time.sleep(0.2)
+# While the cluster elects a leader, JetStream calls fail: ask again.
+ELECTING = (Exception,)
 
 
 def test_tasks_survive_the_audit_leader_going_down(
-    docker_engine: DockerEngine, s3_server: S3Server, pushed_images: PushedImages, tmp_path: Path
+    docker_engine: DockerEngine,
+    s3_server: S3Server,
+    pushed_images: PushedImages,
+    tmp_path: Path,
+    nats_factory: NatsFactory,
 ) -> None:
-    cluster = NatsCluster(tmp_path / "cluster").start()
+    cluster = nats_factory.cluster()
     service = None
     try:
         first = cluster.nodes[0].url
-        _wait(lambda: _jetstream(first, lambda js: js.account_info()), 60, "a JetStream leader")
+        wait_until(
+            lambda: _jetstream(first, lambda js: js.account_info()),
+            timeout=60,
+            what="a JetStream leader",
+            interval=0.2,
+            retry=ELECTING,
+        )
         tag = uuid.uuid4().hex[:8]
         config = service_config(
             nats=cluster,  # type: ignore[arg-type]  # has .url, which is all it takes
@@ -112,16 +111,15 @@ def test_tasks_survive_the_audit_leader_going_down(
             assert counts[task_id]["failed"] == 0
             for kind in ("download_started", "compress_started", "upload_started"):
                 assert counts[task_id][kind] >= 1, (task_id, counts[task_id])
-        _wait(
-            lambda: (
-                _jetstream(victim.url, lambda js: js.stream_info(audit)).state.last_seq
-                == len(events)
-            ),
-            60,
-            "the restarted node to catch up",
+        wait_until(
+            lambda: _jetstream(victim.url, lambda js: js.stream_info(audit)).state.last_seq,
+            until=lambda last_seq: last_seq == len(events),
+            timeout=60,
+            what=f"the restarted node to catch up to {len(events)} facts",
+            interval=0.2,
+            retry=ELECTING,
         )
         print(f"\n{TASKS} tasks completed with node {leader} (the audit leader) killed")
     finally:
         if service is not None:
             service.stop()
-        cluster.stop()

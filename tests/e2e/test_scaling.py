@@ -17,21 +17,13 @@ import pytest
 
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import consumer_waiting, stream_events
+from tests.polling import wait_until
 from tests.servers.dcu_process import DCU, DcuProcess
 from tests.servers.postgres import create_database, drop_database
 
 pytestmark = pytest.mark.e2e
 
 TASKS = 10
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _rows(dsn: str) -> tuple[list[dict], list[dict], list[dict]]:
@@ -87,10 +79,12 @@ def test_each_role_in_its_own_process(
             processes[name] = DcuProcess(tmp_path, config, args, name=name).start(wait_http=http)
         gateway = processes["gateway"]
         # both compress replicas are idle and asking for work on the one shared durable
-        _wait(
-            lambda: consumer_waiting(nats_cfg["url"], nats_cfg["stream"], "compress") >= 2,
-            60,
-            "two compress replicas",
+        wait_until(
+            lambda: consumer_waiting(nats_cfg["url"], nats_cfg["stream"], "compress"),
+            until=lambda waiting: waiting >= 2,
+            timeout=60,
+            what="two compress replicas waiting for work",
+            interval=0.2,
         )
 
         # When ten tasks are started (and two that fail), all at once

@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
@@ -26,10 +25,11 @@ from kernel.settings import MinioSettings, NatsSettings
 from persistence.subscriber import consumer_name, progress_consumer_name
 from tests.e2e.conftest import service_config
 from tests.e2e.test_scaling import _rows
+from tests.polling import wait_until
 from tests.servers.dcu_process import DCU, DcuProcess
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.images import PushedImages
-from tests.servers.nats import NatsServer
+from tests.servers.nats import NatsFactory, NatsServer
 from tests.servers.postgres import create_database, drop_database
 from tests.servers.s3 import S3Server
 
@@ -116,13 +116,14 @@ class Chaos:
 
 
 def test_two_hundred_tasks_through_kills_and_a_nats_restart(
-    nats_server: NatsServer,
+    nats_factory: NatsFactory,
     docker_engine: DockerEngine,
     s3_server: S3Server,
     pushed_images: PushedImages,
     postgres_dsn: str,
     tmp_path: Path,
 ) -> None:
+    nats_server = nats_factory()  # its own: the chaos restarts it
     database = create_database()
     replay_db = None
     tag = uuid.uuid4().hex[:8]
@@ -162,16 +163,15 @@ def test_two_hundred_tasks_through_kills_and_a_nats_restart(
         for index in range(TASKS):
             if index == 20:
                 chaos.thread.start()
-            body: dict[str, Any] = {}
-            for _ in range(50):  # a start during the NATS restart answers 503: try again
-                status, body = gateway.post(
-                    "/start",
-                    {"username": f"soak{index % 7}", "docker_image_name": images[index % 2]},
-                )
-                if status == 200:
-                    break
-                assert status == 503, body
-                time.sleep(0.2)
+            request = {"username": f"soak{index % 7}", "docker_image_name": images[index % 2]}
+            # a start during the NATS restart answers 503: try again
+            status, body = wait_until(
+                lambda: gateway.post("/start", request),  # noqa: B023 (called at once)
+                until=lambda reply: reply[0] != 503,
+                timeout=15,
+                what="a start not answered 503",
+                interval=0.2,
+            )
             assert status == 200, body
             ids.append(body["data"]["task_id"])
         results = {task_id: gateway.wait_terminal(task_id, timeout=600) for task_id in ids}
@@ -201,10 +201,12 @@ def test_two_hundred_tasks_through_kills_and_a_nats_restart(
 
         # and a replay of the audit stream into a fresh database equals the live one
         stream = config["nats"]["stream"]
-        deadline = time.monotonic() + 120
-        while not asyncio.run(_persistence_settled(nats_server.url, stream)):
-            assert time.monotonic() < deadline, "persistence did not catch up"
-            time.sleep(0.5)
+        wait_until(
+            lambda: asyncio.run(_persistence_settled(nats_server.url, stream)),
+            timeout=120,
+            what="persistence to catch up",
+            interval=0.5,
+        )
         stored = asyncio.run(_stream_bytes(nats_server.url, stream))
         (audit_msgs, audit_bytes), (progress_msgs, progress_bytes) = (
             stored["audit"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from tests.e2e.conftest import service_config
 from tests.e2e.helpers import EventRecorder, stream_events
+from tests.polling import wait_until
 from tests.servers.dcu_process import DcuProcess
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.nats import NatsServer
@@ -96,28 +96,34 @@ class Cluster:
 
 
 def wait_for_event(recorder: EventRecorder, task_id: str, kind: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in recorder.for_task(task_id):
-            if event.get("type") == kind:
-                return event
-        time.sleep(0.01)
-    raise AssertionError(f"no {kind} event for task {task_id} within {timeout}s")
+    def first() -> dict | None:
+        return next((e for e in recorder.for_task(task_id) if e.get("type") == kind), None)
+
+    return wait_until(
+        first,
+        timeout=timeout,
+        what=f"a {kind} event for task {task_id}",
+        interval=0.01,
+        describe=lambda: f"its events: {[e.get('type') for e in recorder.for_task(task_id)]}",
+    )
 
 
 def wait_for_progress(
     recorder: EventRecorder, task_id: str, stage: str, timeout: float = 60
 ) -> None:
     """Until the stage reports some bytes done."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def reported() -> bool:
         for event in recorder.for_task(task_id):
             payload = event.get("payload", {})
             if event.get("type") == "progress" and payload.get("stage") == stage:
                 if payload.get("bytes_done", 0) > 0:
-                    return
-        time.sleep(0.01)
-    raise AssertionError(f"no {stage} progress for task {task_id} within {timeout}s")
+                    return True
+        return False
+
+    wait_until(
+        reported, timeout=timeout, what=f"{stage} progress for task {task_id}", interval=0.01
+    )
 
 
 def in_background(fn: Callable[[], None]) -> threading.Thread:

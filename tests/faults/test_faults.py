@@ -24,7 +24,7 @@ from tests.e2e.helpers import (
     transitions_of_db,
 )
 from tests.faults.conftest import Cluster, wait_for_event, wait_for_progress
-from tests.servers.nats import NatsServer
+from tests.servers.nats import NatsFactory
 from tests.servers.s3 import S3Server
 
 pytestmark = pytest.mark.e2e
@@ -85,26 +85,25 @@ def test_worker_killed_mid_stage_is_redelivered(
     assert incomplete_uploads(s3_server, cluster.config["minio"]["bucket"]) == []
 
 
-def test_nats_restart_loses_no_event(cluster_factory, pushed_images, tmp_path) -> None:
+def test_nats_restart_loses_no_event(
+    cluster_factory, pushed_images, nats_factory: NatsFactory
+) -> None:
     # Given a deployment on its own NATS server, with tasks in every stage
-    server = NatsServer(store=tmp_path / "nats").start()
-    try:
-        cluster = cluster_factory(bus=server).start_all()
-        images = [pushed_images["large"], pushed_images["nested"], pushed_images["small"]]
-        with cluster.recorder() as recorder:
-            first = cluster.run_task(images[0].reference)
-            wait_for_event(recorder, first, "download_started")
-            ids = [first] + [cluster.run_task(i.reference) for i in images[1:]]
-            time.sleep(0.5)
-            # When NATS restarts under them
-            server.restart()
-        results = {t: cluster.gateway.wait_terminal(t, timeout=300) for t in ids}
-        # Then every task completed, and every transition is in the log, in order
-        assert {r["state"] for r in results.values()} == {"completed"}, results
-        for task_id in ids:
-            assert transitions_of_db(cluster.workdir / "data" / "dcu.db", task_id) == HAPPY
-    finally:
-        server.stop()
+    server = nats_factory()
+    cluster = cluster_factory(bus=server).start_all()
+    images = [pushed_images["large"], pushed_images["nested"], pushed_images["small"]]
+    with cluster.recorder() as recorder:
+        first = cluster.run_task(images[0].reference)
+        wait_for_event(recorder, first, "download_started")
+        ids = [first] + [cluster.run_task(i.reference) for i in images[1:]]
+        time.sleep(0.5)
+        # When NATS restarts under them
+        server.restart()
+    results = {t: cluster.gateway.wait_terminal(t, timeout=300) for t in ids}
+    # Then every task completed, and every transition is in the log, in order
+    assert {r["state"] for r in results.values()} == {"completed"}, results
+    for task_id in ids:
+        assert transitions_of_db(cluster.workdir / "data" / "dcu.db", task_id) == HAPPY
 
 
 def test_s3_outage_within_the_retry_window(cluster_factory, pushed_images, tmp_path) -> None:

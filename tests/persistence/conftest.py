@@ -5,11 +5,8 @@ private nats-server per subscriber test.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +15,18 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus import Bus
-from events.schema import (
-    Compressed,
-    CompressStarted,
-    Downloaded,
-    DownloadStarted,
-    Event,
-    Failed,
-    Payload,
-    Progress,
-    Requested,
-    Uploaded,
-    UploadStarted,
-)
 from kernel.settings import NatsSettings
 from persistence.database import Database
 from persistence.repository import TaskRepository
-from tests.servers.nats import NatsServer
+from tests.polling import eventually
+from tests.servers.nats import NatsFactory, NatsServer
 from tests.servers.postgres import create_database, drop_database
+from tests.timeline import T0, Timeline
+
+# Imported by the test modules from here.
+__all__ = ["T0", "Timeline", "eventually", "table_columns", "table_indexes", "table_rows"]
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres")]
-
-T0 = datetime(2026, 11, 27, 19, 40, 21, 123456, tzinfo=UTC)
 
 DatabaseFactory = Callable[[], Awaitable[Database]]
 
@@ -99,73 +86,6 @@ async def database(open_database: DatabaseFactory) -> Database:
 @pytest.fixture
 def repository(database: Database) -> TaskRepository:
     return TaskRepository(database)
-
-
-# -- events ---------------------------------------------------------------------------
-
-
-class Timeline:
-    """Builds a task's events with strictly increasing, deterministic times."""
-
-    def __init__(self, task_id: str | None = None, start: datetime = T0) -> None:
-        self.task_id = task_id or str(uuid.uuid4())
-        self.now = start
-
-    def event(self, payload: Payload, *, after: timedelta = timedelta(seconds=1.5)) -> Event:
-        self.now += after
-        return Event(task_id=self.task_id, payload=payload, time=self.now)
-
-    def requested(
-        self, image: str = "nginx:latest", user: str = "test_user", platform: str | None = None
-    ) -> Event:
-        return Event(
-            task_id=self.task_id,
-            payload=Requested(username=user, docker_image_name=image, platform=platform),
-            time=self.now,
-        )
-
-    def happy_path(self, image: str = "nginx:latest", user: str = "test_user") -> list[Event]:
-        safe = image.replace(":", "_").replace("/", "_")
-        return [
-            self.requested(image, user),
-            self.event(DownloadStarted(worker="w1")),
-            self.event(
-                Downloaded(
-                    docker_image_name=image, image_id="sha256:abc", tar_path="/t.tar", bytes=1000
-                )
-            ),
-            self.event(CompressStarted(worker="w2")),
-            self.event(
-                Compressed(
-                    docker_image_name=image,
-                    image_id="sha256:abc",
-                    gzip_file_name=f"./data/gzip/{safe}.tar.gz",
-                    bytes_in=1000,
-                    bytes_out=400,
-                    sha256="f" * 64,
-                )
-            ),
-            self.event(UploadStarted(worker="w3")),
-            self.event(
-                Uploaded(
-                    bucket="dcu-artifacts",
-                    minio_object_name=f"dcu/{safe}.tar.gz",
-                    bytes=400,
-                    sha256="f" * 64,
-                )
-            ),
-        ]
-
-    def failed(
-        self, reason: str = "pull failed: manifest unknown", stage: str = "download"
-    ) -> Event:
-        return self.event(Failed(stage=stage, reason=reason))
-
-    def progress(self, done: int, total: int | None = 1000, stage: str = "download") -> Event:
-        return self.event(
-            Progress(stage=stage, bytes_done=done, bytes_total=total, rate=12.5),
-            after=timedelta(milliseconds=100),
-        )
 
 
 # -- raw table access -----------------------------------------------------------------
@@ -228,13 +148,9 @@ async def table_indexes(database: Database, table: str) -> dict[tuple[str, ...],
 
 
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[NatsServer]:
+def private_nats(nats_factory: NatsFactory) -> NatsServer:
     """A nats-server of this test alone (the restart test restarts it)."""
-    server = NatsServer(store=tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return nats_factory()
 
 
 @pytest.fixture
@@ -261,16 +177,3 @@ def nats_client(event_bus: Bus) -> Client:
 @pytest.fixture
 def js(event_bus: Bus) -> JetStreamContext:
     return event_bus.js
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 15.0, what: str = "condition"
-) -> None:
-    """Poll ``check`` until it holds; fails the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.05)

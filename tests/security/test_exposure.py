@@ -114,11 +114,7 @@ def test_workers_do_not_need_the_http_rules(nats_server: NatsServer, tmp_path: P
     service.start(wait_http=False)
     try:
         # Wait for the worker to be up (its consumers started), not for a fixed time
-        deadline = time.monotonic() + 120
-        while "stage workers started" not in service.log.read_text():
-            assert service.process is not None and service.process.alive(), service.log.read_text()
-            assert time.monotonic() < deadline, service.log.read_text()
-            time.sleep(0.05)
+        service.wait_for_log("stage workers started", timeout=120)
         assert service.terminate(timeout=30) == 0
     finally:
         service.stop()

@@ -15,8 +15,9 @@ from pydantic import ValidationError
 from actors.object_store import S3ObjectStore
 from kernel.errors import StorageError
 from kernel.settings import MinioSettings
+from tests.polling import wait_until
 from tests.security.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.servers.base import ManagedProcess, free_port, port_open, wait_until
+from tests.servers.base import ManagedProcess, ServerStartError, free_port, log_tail, port_open
 from tests.servers.s3 import moto_server_binary
 
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
@@ -55,7 +56,13 @@ def tls_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsS3]:
     argv += ["-c", str(root / "server.pem"), "-k", str(root / "server.key")]
     process = ManagedProcess(argv, log=root / "moto.log")
     try:
-        wait_until(lambda: port_open(port), timeout=60, what="moto over TLS", log=process.log)
+        wait_until(
+            lambda: port_open(port),
+            timeout=60,
+            what="moto over TLS",
+            error=ServerStartError,
+            describe=lambda: log_tail(process.log),
+        )
         yield TlsS3(endpoint=f"127.0.0.1:{port}", ca_file=root / "ca.pem")
     finally:
         process.stop()

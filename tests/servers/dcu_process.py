@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tests.polling import wait_until
 from tests.servers.base import ManagedProcess, ServerStartError, free_port
 
 DCU = str(Path(sys.executable).with_name("dcu"))
@@ -70,20 +71,38 @@ class DcuProcess:
         return self
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def health() -> int:
             assert self.process is not None
             if not self.process.alive():
                 raise ServerStartError(f"{self.name} exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                status, _ = http_json("GET", f"{self.base_url}/health", timeout=2)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise ServerStartError(
-            f"{self.name} not healthy in {timeout}s:\n{self.log.read_text()[-4000:]}"
+            status, _ = http_json("GET", f"{self.base_url}/health", timeout=2)
+            return status
+
+        wait_until(
+            lambda: health() == 200,
+            timeout=timeout,
+            what=f"{self.name} to answer GET /health with 200",
+            interval=0.2,
+            retry=(OSError,),
+            error=ServerStartError,
+            describe=lambda: self.log.read_text()[-4000:],
+        )
+
+    def wait_for_log(self, text: str, timeout: float = 20) -> None:
+        """Until ``text`` is in the log; fails at once if the process has exited."""
+
+        def logged() -> bool:
+            if self.log.exists() and text in self.log.read_text():
+                return True
+            assert self.process is not None and self.process.alive(), self.log.read_text()
+            return False
+
+        wait_until(
+            logged,
+            timeout=timeout,
+            what=f"{text!r} in {self.name}'s log",
+            interval=0.05,
+            describe=lambda: self.log.read_text()[-4000:] if self.log.exists() else "",
         )
 
     def terminate(self, timeout: float = 60) -> int:
@@ -110,17 +129,18 @@ class DcuProcess:
         return http_json("GET", f"{self.base_url}{path}")
 
     def wait_terminal(self, task_id: str, timeout: float = 240) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        data: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            status, body = self.get(f"/status/{task_id}")
-            assert status == 200, body
-            data = body["data"]
-            if data["state"] in {"completed", "failed"}:
-                return data
-            time.sleep(0.25)
-        raise AssertionError(
-            f"task {task_id} not finished in {timeout}s: {data}\n{self.stack_dump()}"
+        def status() -> dict[str, Any]:
+            code, body = self.get(f"/status/{task_id}")
+            assert code == 200, body
+            return dict(body["data"])
+
+        return wait_until(
+            status,
+            until=lambda data: data["state"] in {"completed", "failed"},
+            timeout=timeout,
+            what=f"task {task_id} to finish",
+            interval=0.25,
+            describe=self.stack_dump,
         )
 
     def stack_dump(self, timeout: float = 10) -> str:
@@ -137,9 +157,13 @@ class DcuProcess:
             return
         size = self.log.stat().st_size
         self.process.signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "stack dump done" in self.log.read_text()[size:]:
-                time.sleep(0.5)  # each loop logs its tasks right after
-                return
-            time.sleep(0.1)
+        try:
+            wait_until(
+                lambda: "stack dump done" in self.log.read_text()[size:],
+                timeout=timeout,
+                what=f"{self.name}'s stack dump",
+                interval=0.1,
+            )
+        except AssertionError:
+            return  # the report shows the log as it is
+        time.sleep(0.5)  # each loop logs its tasks right after

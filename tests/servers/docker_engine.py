@@ -19,11 +19,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers.base import ManagedProcess, ServerStartError, wait_until
+from tests.polling import wait_until
+from tests.servers.base import ManagedProcess, ServerStartError, log_tail
 
 UNIX_PATH_MAX = 107
 """Longest usable ``sun_path`` (108 bytes including the terminating NUL)."""
@@ -166,7 +166,13 @@ class DockerEngine:
         ]
         try:
             self.process = ManagedProcess(argv, log=self.log)
-            wait_until(self._ready, timeout=60, what="dockerd", log=self.log)
+            wait_until(
+                self._ready,
+                timeout=60,
+                what="dockerd to answer on its socket",
+                error=ServerStartError,
+                describe=lambda: log_tail(self.log),
+            )
         except BaseException:
             self.stop()
             raise
@@ -236,13 +242,11 @@ def _terminate_pid(pid: int, timeout: float = 10.0) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    try:
+        wait_until(lambda: not _pid_alive(pid), timeout=timeout, what=f"pid {pid} to exit")
+    except AssertionError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -7,7 +7,14 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers.base import ManagedProcess, ServerStartError, free_port, port_open, wait_until
+from tests.polling import wait_until
+from tests.servers.base import (
+    ManagedProcess,
+    ServerStartError,
+    free_port,
+    log_tail,
+    port_open,
+)
 
 
 def nats_server_binary() -> str:
@@ -59,9 +66,14 @@ class NatsServer:
                 "--routes",
                 ",".join(f"nats://127.0.0.1:{port}" for port in self.routes),
             ]
-        self.process = ManagedProcess(argv, log=self.store / "nats-server.log")
+        log = self.store / "nats-server.log"
+        self.process = ManagedProcess(argv, log=log)
         wait_until(
-            lambda: port_open(self.port), timeout=20, what="nats-server", log=self.process.log
+            lambda: port_open(self.port),
+            timeout=20,
+            what=f"nats-server on port {self.port}",
+            error=ServerStartError,
+            describe=lambda: log_tail(log),
         )
         return self
 
@@ -112,3 +124,27 @@ class NatsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+@dataclass
+class NatsFactory:
+    """Private nats-servers of one test, for tests that restart or kill NATS (the session
+    server is shared): ``factory()`` starts one server, ``factory.cluster()`` a cluster,
+    each with its store under ``root``; ``stop`` stops all of them."""
+
+    root: Path
+    started: list[NatsServer | NatsCluster] = field(default_factory=list)
+
+    def __call__(self) -> NatsServer:
+        server = NatsServer(store=self.root / f"nats{len(self.started)}")
+        self.started.append(server)
+        return server.start()
+
+    def cluster(self, size: int = 3) -> NatsCluster:
+        cluster = NatsCluster(self.root / f"cluster{len(self.started)}", size=size)
+        self.started.append(cluster)
+        return cluster.start()
+
+    def stop(self) -> None:
+        for started in reversed(self.started):
+            started.stop()

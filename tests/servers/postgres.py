@@ -14,7 +14,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from tests.servers.base import ServerStartError, port_open, wait_until
+from tests.polling import wait_until
+from tests.servers.base import ServerStartError, port_open
 
 HOST = "127.0.0.1"
 PORT = 5432
@@ -73,7 +74,12 @@ def postgres_dsn() -> str:
     """
     if not port_open(PORT, HOST):
         _start_cluster()
-        wait_until(lambda: port_open(PORT, HOST), timeout=60, what="PostgreSQL on 5432")
+        wait_until(
+            lambda: port_open(PORT, HOST),
+            timeout=60,
+            what="PostgreSQL on 5432",
+            error=ServerStartError,
+        )
     if psql("select 1") != "1":
         raise ServerStartError(f"PostgreSQL at {dsn_for(ADMIN_DATABASE)} did not answer 1")
     return dsn_for(ADMIN_DATABASE)

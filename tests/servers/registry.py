@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.servers.base import ManagedProcess, ServerStartError, free_port, wait_until
+from tests.polling import wait_until
+from tests.servers.base import ManagedProcess, ServerStartError, free_port, log_tail
 
 
 def registry_binary() -> str:
@@ -89,7 +90,13 @@ class Registry:
         log = self.root / "registry.log"
         self.process = ManagedProcess([registry_binary(), "serve", str(self.config)], log=log)
         try:
-            wait_until(self._ready, timeout=30, what="docker-registry", log=log)
+            wait_until(
+                self._ready,
+                timeout=30,
+                what="docker-registry to answer",
+                error=ServerStartError,
+                describe=lambda: log_tail(log),
+            )
         except BaseException:
             self.stop()
             raise

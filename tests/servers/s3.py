@@ -11,9 +11,17 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tests.servers.base import ManagedProcess, ServerStartError, free_port, wait_until
+from pydantic import SecretStr
+
+from kernel.settings import MinioSettings
+from tests.polling import wait_until
+from tests.servers.base import ManagedProcess, ServerStartError, free_port, log_tail
 from tests.servers.registry import http_status
+
+MIN_PART_SIZE = 5 * 1024 * 1024
+"""The smallest multipart part S3 accepts: a few MiB make a multipart upload."""
 
 
 def moto_server_binary() -> str:
@@ -44,6 +52,16 @@ class S3Server:
     def url(self) -> str:
         return f"http://{self.endpoint}"
 
+    def minio_settings(self, **overrides: Any) -> MinioSettings:
+        """Settings of a store on this server (``bucket``, ``part_size``... as given)."""
+        values: dict[str, Any] = {
+            "endpoint": self.endpoint,
+            "access_key": SecretStr(self.access_key),
+            "secret_key": SecretStr(self.secret_key),
+            "region": self.region,
+        }
+        return MinioSettings(**{**values, **overrides})
+
     def start(self) -> S3Server:
         self.root.mkdir(parents=True, exist_ok=True)
         argv = [moto_server_binary(), "-H", "127.0.0.1", "-p", str(self.port)]
@@ -55,7 +73,13 @@ class S3Server:
         }
         self.process = ManagedProcess(argv, log=log, env=env)
         try:
-            wait_until(self._ready, timeout=60, what="moto_server", log=log)
+            wait_until(
+                self._ready,
+                timeout=60,
+                what="moto_server to answer",
+                error=ServerStartError,
+                describe=lambda: log_tail(log),
+            )
         except BaseException:
             self.stop()
             raise
