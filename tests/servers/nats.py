@@ -12,6 +12,7 @@ from tests.servers.base import (
     ManagedProcess,
     ServerStartError,
     free_port,
+    free_ports,
     log_tail,
     port_open,
 )
@@ -107,15 +108,21 @@ class NatsCluster:
         return ",".join(node.url for node in self.nodes)
 
     def start(self) -> NatsCluster:
-        cluster_ports = [free_port() for _ in range(self.size)]
+        # Client and route ports of every node, chosen together so no two are the same
+        # (a node whose client and route ports collided could not start).
+        ports = free_ports(2 * self.size)
+        client_ports, cluster_ports = ports[: self.size], ports[self.size :]
         self.nodes = [
             NatsServer(
+                port=client_port,
                 store=self.root / f"n{index}",
                 name=f"n{index}",
                 cluster_port=port,
                 routes=[p for p in cluster_ports if p != port],
             )
-            for index, port in enumerate(cluster_ports)
+            for index, (client_port, port) in enumerate(
+                zip(client_ports, cluster_ports, strict=True)
+            )
         ]
         for node in self.nodes:
             node.start()
