@@ -27,3 +27,4 @@ CLEANUP_ERROR_MAX = 200  # characters of one of them
 IDEMPOTENCY_KEY_MAX = 200  # characters of an ``Idempotency-Key`` header (POST /start)
 PAGE_MAX = 1_000_000  # the ``page`` of ``GET /query`` (its ``page_size``: server.max_page_size)
 CLEANUP_TIMEOUT_MAX = 600  # seconds ``POST /cleanup`` may wait for the run's completion
+RAW_LOG_MAX = 200  # bytes of an undecodable message shown in a log line

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from bus import Bus, LiveSubscription
 from events import subjects
+from events.limits import RAW_LOG_MAX
 from events.schema import DecodeError, Event, EventType
 from gateway import envelope, models
 from gateway.http import parse_headers, parse_path, parse_query, respond
@@ -47,7 +48,6 @@ HEARTBEAT = 15.0  # seconds of silence before a keep-alive comment
 DISCONNECT_POLL = 1.0  # seconds between checks that the client is still there
 MAX_BACKLOG = 10_000  # live events buffered for a client that reads too slowly
 MAX_REMEMBERED = 10_000  # event ids a stream remembers to drop duplicates
-RAW_LOG_LIMIT = 200  # bytes of an undecodable message shown in the log
 TERMINAL = frozenset({EventType.UPLOADED, EventType.FAILED})
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -185,7 +185,7 @@ def _decode(subject: str, data: bytes, prefix: str) -> Event | None:
             "skipping message on %s, not an event (%s): %r",
             subject,
             exc,
-            exc.raw[:RAW_LOG_LIMIT],
+            exc.raw[:RAW_LOG_MAX],
         )
         return None
     if subject != subjects.for_event(event, prefix):

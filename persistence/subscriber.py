@@ -40,6 +40,7 @@ from typing import Protocol
 from bus import Bus, Delivery, PullConsumer
 from events import subjects
 from events.audit_archive import StoredMessage
+from events.limits import RAW_LOG_MAX
 from events.schema import DecodeError, Event, EventType, UnknownEventType, utcnow
 from kernel.errors import DcuError
 from kernel.settings import NatsSettings
@@ -47,8 +48,6 @@ from persistence.database import DatabaseError
 from persistence.repository import ApplyOutcome
 
 log = logging.getLogger(__name__)
-
-RAW_LOG_LIMIT = 200  # bytes of an undecodable message shown in the log
 
 
 class EventSink(Protocol):
@@ -276,7 +275,7 @@ class PersistenceSubscriber:
             sequence,
             stored.subject,
             reason,
-            stored.data[:RAW_LOG_LIMIT],
+            stored.data[:RAW_LOG_MAX],
         )
         try:
             await record_refused(self._repository, stored, reason, event)
