@@ -143,9 +143,15 @@ def test_each_role_in_its_own_process(
         assert f"tasks rebuilt {TASKS + 2}, events applied {len(events)}," in out.stdout, out.stdout
 
         # Then the rebuilt rows equal the live ones, field by field
-        time.sleep(1)  # the live subscriber has applied the last progress events
-        live = asyncio.run(_rows(database))
         rebuilt = asyncio.run(_rows(replay_db))
+        # (the live subscriber may still be applying the last progress reports)
+        live = wait_until(
+            lambda: asyncio.run(_rows(database)),
+            until=lambda rows: rows == rebuilt,
+            timeout=60,
+            interval=0.2,
+            what="the live rows to equal the rebuilt ones",
+        )
         assert len(live[0]) == TASKS + 2
         assert rebuilt[0] == live[0]
         assert rebuilt[1] == live[1]
