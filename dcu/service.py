@@ -134,13 +134,6 @@ class RolePlan:
     archiver: bool = False
 
 
-@dataclass
-class Failures:
-    """Roles that ended with an error; a process with any exits with code 1."""
-
-    names: list[str] = field(default_factory=list)
-
-
 @contextlib.asynccontextmanager
 async def workers_running(settings: Settings, roles: list[str]) -> AsyncIterator[None]:
     workers = StageWorkers(settings, roles)
@@ -153,7 +146,7 @@ async def workers_running(settings: Settings, roles: list[str]) -> AsyncIterator
 
 @contextlib.asynccontextmanager
 async def _task_running(
-    name: str, task: asyncio.Task[None], stop: asyncio.Event, failures: Failures, grace: float
+    name: str, task: asyncio.Task[None], stop: asyncio.Event, failures: list[str], grace: float
 ) -> AsyncIterator[None]:
     """Run ``task`` for the block; a task that ends by itself stops the process."""
     task.add_done_callback(lambda _: stop.set())
@@ -166,11 +159,11 @@ async def _task_running(
         (outcome,) = await asyncio.gather(task, return_exceptions=True)
         if isinstance(outcome, Exception):
             log.error("%s failed: %s", name, outcome)
-            failures.names.append(name)
+            failures.append(name)  # the process exits with code 1
 
 
 def timer_running(
-    settings: Settings, stop: asyncio.Event, failures: Failures
+    settings: Settings, stop: asyncio.Event, failures: list[str]
 ) -> contextlib.AbstractAsyncContextManager[None]:
     """The cleanup timer; it ends by itself only when NATS is unreachable at start."""
     task = asyncio.create_task(CleanupTimer(settings).run(stop))
@@ -188,7 +181,7 @@ async def _archive(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def archiver_running(
-    settings: Settings, stop: asyncio.Event, failures: Failures
+    settings: Settings, stop: asyncio.Event, failures: list[str]
 ) -> contextlib.AbstractAsyncContextManager[None]:
     """The audit archiver on its own NATS connection and object store."""
     task = asyncio.create_task(_archive(settings, stop))
@@ -238,7 +231,7 @@ async def run_roles(settings: Settings, plan: RolePlan) -> int:
     diagnostics.register_loop("main", loop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    failures = Failures()
+    failures: list[str] = []  # roles that ended with an error
     try:
         async with contextlib.AsyncExitStack() as roles:
             settings = await roles.enter_async_context(nats_resolved(settings))
@@ -263,4 +256,4 @@ async def run_roles(settings: Settings, plan: RolePlan) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    return 1 if failures.names else 0
+    return 1 if failures else 0
