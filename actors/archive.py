@@ -1,16 +1,26 @@
-"""docker-save archives assembled from registry blobs, with gzip layers spliced in verbatim.
+"""Image archives assembled from registry blobs, in each format of ``events.formats``.
 
-The registry engine downloads an image's config and layer blobs into files; this module
-turns them into the ``.tar.gz`` that ``docker load -i`` (and podman, skopeo's
-docker-archive) reads: the legacy ``docker save`` tar (``<v1id>/layer.tar``,
-``<config hex>.json``, ``manifest.json``, ``repositories``) compressed as a *multi-member*
-gzip (RFC 1952 section 2.2). Concatenated members decompress to the concatenation of
-their contents, so a gzip layer blob that is itself a clean sequence of members is copied
-byte for byte as the compressed form of its ``layer.tar``: no inflate, no deflate, only a
-copy and a hash. Small members carry the tar headers, padding and JSON files around it.
-Layers that cannot be spliced (zstd, uncompressed tar, gzip with trailing bytes) are
-decompressed and recompressed with ISA-L as their own members, so every ``layer.tar``
-holds the uncompressed layer whose sha256 is the config's diff_id.
+The registry engine downloads images' config and layer blobs into files; this module
+turns one or more images into one archive, writing a layer that several images share
+once:
+
+* ``docker-archive``: the legacy ``docker save`` tar (``<v1id>/layer.tar``,
+  ``<config hex>.json``, ``manifest.json``, ``repositories``), layers uncompressed.
+* ``oci-archive``: an OCI image layout in a tar (``oci-layout``, ``index.json`` naming
+  each image by ``org.opencontainers.image.ref.name`` and ``io.containerd.image.name``,
+  ``blobs/sha256/<hex>``) holding the registry's manifest, config and layer blobs byte
+  for byte: nothing is decompressed or recompressed.
+* ``docker-archive+gzip`` (the seed's ``.tar.gz``): the docker tar compressed as a
+  *multi-member* gzip (RFC 1952 section 2.2). Concatenated members decompress to the
+  concatenation of their contents, so a gzip layer blob that is itself a clean sequence of
+  members is copied byte for byte as the compressed form of its ``layer.tar``: no
+  inflate, no deflate, only a copy and a hash. Small members carry the tar headers,
+  padding and JSON files around it. Layers that cannot be spliced (zstd, uncompressed
+  tar, gzip with trailing bytes) are decompressed and recompressed with ISA-L as their
+  own members.
+
+In the docker layouts every ``layer.tar`` holds the uncompressed layer whose sha256 is
+the config's diff_id.
 
 Errors: LayerFormatError (a PermanentFailure) for content no retry can fix; StorageError
 for reading blobs or writing the archive (``disk full`` on ENOSPC).
@@ -26,12 +36,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 from isal import igzip_threaded, isal_zlib
 
 from actors.compression import atomic_output
+from events.formats import ArchiveFormat
 from kernel.errors import InvalidInput, PermanentFailure, StorageError
 
 GZIP_LAYER_TYPES: frozenset[str] = frozenset(
@@ -48,6 +59,12 @@ TAR_LAYER_TYPES: frozenset[str] = frozenset(
     }
 )
 LAYER_TYPES: frozenset[str] = GZIP_LAYER_TYPES | ZSTD_LAYER_TYPES | TAR_LAYER_TYPES
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"  # what skopeo and podman name an image by
+CONTAINERD_NAME = "io.containerd.image.name"  # what ``ctr import`` names an image by
 
 _READ_CHUNK = 4 * 1024 * 1024
 # Most decompressed bytes produced per step: a 4 MiB gzip chunk could inflate to 4 GiB.
@@ -80,6 +97,25 @@ class ArchiveLayer:
     blob: Path
     media_type: str
     info: LayerInfo
+    digest: str = ""  # the blob's ``sha256:<hex>`` (an OCI layout names blobs by it)
+    size: int = 0  # the blob's length
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveImage:
+    """One image to put in an archive.
+
+    ``layers`` are in manifest order; ``repo_tags`` (``repo:tag``) name it in a docker
+    layout, ``ref_name`` in an OCI layout, where ``manifest`` (the registry's image
+    manifest, verbatim) and its ``manifest_media_type`` are needed too.
+    """
+
+    config: bytes
+    layers: Sequence[ArchiveLayer]
+    repo_tags: Sequence[str] = ()
+    ref_name: str = ""
+    manifest: bytes = b""
+    manifest_media_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +125,7 @@ class ArchiveResult:
     sha256: str  # hex digest of the archive file
     seconds: float
     spliced_bytes: int  # archive bytes copied verbatim from layer blobs
+    shared_bytes: int = 0  # layer bytes written once for several images (see _docker_plan)
 
     @property
     def throughput(self) -> float:
@@ -370,6 +407,10 @@ def _json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
+def _sha256(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
 def _config_diff_ids(config: bytes) -> list[str]:
     try:
         parsed = json.loads(config)
@@ -396,22 +437,37 @@ def _split_repo_tag(repo_tag: str) -> tuple[str, str]:
     return repo, tag
 
 
-Piece = bytes | ArchiveLayer
+@dataclass(frozen=True, slots=True)
+class LayerPiece:
+    """A layer's body in the tar: the uncompressed layer tar (docker layout), or the
+    blob exactly as the registry serves it (``verbatim``: OCI layout)."""
+
+    layer: ArchiveLayer
+    verbatim: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.layer.size if self.verbatim else self.layer.info.tar_size
 
 
-def _plan(config: bytes, layers: Sequence[ArchiveLayer], repo_tags: Sequence[str]) -> list[Piece]:
-    """The archive as a sequence of plain bytes and layer bodies, in tar order.
+Piece = bytes | LayerPiece
 
-    Layers follow the config's diff_ids; each distinct diff_id is written once, in the
-    directory of its first position, and every position references it. A v1 id is the
-    sha256 of "<previous position's v1 id> <diff_id>", so equal chains give equal ids.
 
-    Raises LayerFormatError when ``layers`` and the config's diff_ids disagree or a media
-    type is unsupported; InvalidInput for a malformed repo tag.
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    pieces: list[Piece]
+    shared_bytes: int  # layer bytes not written again because an earlier image had them
+
+
+def _layers_by_diff_id(image: ArchiveImage) -> tuple[list[str], dict[str, ArchiveLayer]]:
+    """The config's diff_ids and one given layer for each.
+
+    Raises LayerFormatError when the layers and the config's diff_ids disagree or a
+    media type is unsupported.
     """
-    diff_ids = _config_diff_ids(config)
+    diff_ids = _config_diff_ids(image.config)
     by_diff_id: dict[str, ArchiveLayer] = {}
-    for layer in layers:
+    for layer in image.layers:
         if layer.media_type not in LAYER_TYPES:
             raise LayerFormatError(
                 f"unsupported layer media type {layer.media_type!r} for {layer.blob}"
@@ -423,48 +479,182 @@ def _plan(config: bytes, layers: Sequence[ArchiveLayer], repo_tags: Sequence[str
     extra = sorted(set(by_diff_id) - set(diff_ids))
     if extra:
         raise LayerFormatError(f"layer(s) {', '.join(extra)} are not in the image config")
-    tags = [_split_repo_tag(t) for t in repo_tags]
+    return diff_ids, by_diff_id
 
+
+def _docker_plan(images: Sequence[ArchiveImage], fmt: ArchiveFormat) -> _Plan:
+    """The ``docker save`` tar of ``images`` as plain bytes and layer bodies, in tar order.
+
+    Layers follow each config's diff_ids; each distinct diff_id is written once, in the
+    directory of its first position in the archive, and every position of every image
+    references it. A v1 id is the sha256 of "<previous position's v1 id> <diff_id>", so
+    equal chains give equal ids. Images with one config share one ``manifest.json``
+    entry, their tags merged.
+
+    Raises LayerFormatError when an image's layers and config disagree or a media type is
+    unsupported; InvalidInput for a malformed repo tag.
+    """
     pieces: list[Piece] = []
     directories: dict[str, str] = {}
-    layer_paths: list[str] = []
-    parent = ""
-    for diff_id in diff_ids:
-        v1id = directories.get(diff_id)
-        if v1id is None:
-            v1id = hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
-            directories[diff_id] = v1id
-            legacy: dict[str, str] = {"id": v1id}
-            if parent:
-                legacy["parent"] = parent
+    entries: dict[str, dict[str, Any]] = {}  # config file name -> manifest.json entry
+    configs: list[bytes] = []
+    repositories: dict[str, dict[str, str]] = {}
+    shared = 0
+    for image in images:
+        diff_ids, by_diff_id = _layers_by_diff_id(image)
+        tags = [_split_repo_tag(t) for t in image.repo_tags]
+        layer_paths: list[str] = []
+        parent = ""
+        for diff_id in diff_ids:
             layer = by_diff_id[diff_id]
-            pieces.append(
-                _header(v1id, directory=True)
-                + _file(f"{v1id}/VERSION", b"1.0")
-                + _file(f"{v1id}/json", _json(legacy))
-                + _header(f"{v1id}/layer.tar", layer.info.tar_size)
-            )
-            pieces.append(layer)
-            pieces.append(_padding(layer.info.tar_size))
-        layer_paths.append(f"{v1id}/layer.tar")
-        parent = v1id
-
-    config_name = f"{hashlib.sha256(config).hexdigest()}.json"
-    manifest = [
-        {
-            "Config": config_name,
-            "RepoTags": list(repo_tags) or None,
-            "Layers": layer_paths,
-        }
-    ]
-    tail = _file(config_name, config) + _file("manifest.json", _json(manifest))
-    if tags and parent:
-        repositories: dict[str, dict[str, str]] = {}
-        for repo, tag in tags:
-            repositories.setdefault(repo, {})[tag] = parent
+            v1id = directories.get(diff_id)
+            if v1id is not None:
+                shared += layer.info.tar_size if fmt is ArchiveFormat.DOCKER else layer.size
+            else:
+                v1id = hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
+                directories[diff_id] = v1id
+                legacy: dict[str, str] = {"id": v1id}
+                if parent:
+                    legacy["parent"] = parent
+                pieces.append(
+                    _header(v1id, directory=True)
+                    + _file(f"{v1id}/VERSION", b"1.0")
+                    + _file(f"{v1id}/json", _json(legacy))
+                    + _header(f"{v1id}/layer.tar", layer.info.tar_size)
+                )
+                pieces.append(LayerPiece(layer))
+                pieces.append(_padding(layer.info.tar_size))
+            layer_paths.append(f"{v1id}/layer.tar")
+            parent = v1id
+        config_name = f"{hashlib.sha256(image.config).hexdigest()}.json"
+        entry = entries.get(config_name)
+        if entry is None:
+            configs.append(image.config)
+            entry = entries[config_name] = {"Config": config_name, "RepoTags": None,
+                                            "Layers": layer_paths}  # fmt: skip
+        for repo_tag in image.repo_tags:
+            if repo_tag not in (entry["RepoTags"] or []):
+                entry["RepoTags"] = [*(entry["RepoTags"] or []), repo_tag]
+        if parent:
+            for repo, tag in tags:
+                repositories.setdefault(repo, {})[tag] = parent
+    tail = b"".join(_file(f"{hashlib.sha256(c).hexdigest()}.json", c) for c in configs)
+    tail += _file("manifest.json", _json(list(entries.values())))
+    if repositories:
         tail += _file("repositories", _json(repositories))
     pieces.append(tail + bytes(2 * _BLOCK))
-    return pieces
+    return _Plan(pieces, shared)
+
+
+# Docker schema 2 media types and their OCI equivalents (same bytes, another name).
+_OCI_TYPES = {
+    DOCKER_MANIFEST: OCI_MANIFEST,
+    "application/vnd.docker.container.image.v1+json": OCI_CONFIG,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": (
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    ),
+    "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
+}
+
+
+def _oci_manifest(image: ArchiveImage) -> bytes:
+    """The image's manifest as an OCI layout holds it: an OCI manifest as the registry
+    served it, byte for byte; a Docker schema 2 manifest with its media types renamed to
+    their OCI equivalents (the config and layer blobs are the same bytes, so the image ID
+    stays; the manifest digest changes). containers/image (podman, skopeo) finds no image
+    behind a Docker-typed entry of ``index.json``.
+
+    Raises LayerFormatError when there is no manifest or it lists no config and layers.
+    """
+    if not image.manifest:
+        raise LayerFormatError("an oci-archive needs the image's manifest from its registry")
+    try:
+        document = json.loads(image.manifest)
+        media_type = document.get("mediaType") or image.manifest_media_type
+        if media_type != DOCKER_MANIFEST:
+            return image.manifest
+        document["mediaType"] = OCI_MANIFEST
+        for descriptor in [document["config"], *document["layers"]]:
+            descriptor["mediaType"] = _OCI_TYPES.get(
+                descriptor["mediaType"], descriptor["mediaType"]
+            )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise LayerFormatError(f"image manifest lists no config and layers: {exc}") from exc
+    return _json(document)
+
+
+def _manifest_blobs(manifest: bytes, image: ArchiveImage) -> list[str]:
+    """The blob digests ``manifest`` names (config first), checked against the config
+    and layers given. Raises LayerFormatError when they disagree."""
+    try:
+        document = json.loads(manifest)
+        config = document["config"]["digest"]
+        layers = [layer["digest"] for layer in document["layers"]]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LayerFormatError(f"image manifest lists no config and layers: {exc}") from exc
+    if config != _sha256(image.config):
+        raise LayerFormatError(f"image manifest names config {config}, not the one given")
+    given = [layer.digest for layer in image.layers]
+    if layers != given:
+        raise LayerFormatError(
+            f"image manifest lists layers {', '.join(map(str, layers)) or '(none)'}, "
+            f"not the ones given ({', '.join(given) or '(none)'})"
+        )
+    return [config, *layers]
+
+
+def _oci_plan(images: Sequence[ArchiveImage]) -> _Plan:
+    """The OCI image layout of ``images`` in tar order: ``oci-layout``, ``index.json``
+    (one entry per image, named by its ``ref_name``), then every blob once under
+    ``blobs/sha256/``: manifests, configs, and layer blobs verbatim.
+
+    Raises LayerFormatError when an image's manifest, config and layers disagree.
+    """
+    index_entries: list[dict[str, Any]] = []
+    blobs: list[Piece] = []
+    written: set[str] = set()
+    shared = 0
+    for image in images:
+        _layers_by_diff_id(image)
+        manifest = _oci_manifest(image)
+        _manifest_blobs(manifest, image)
+        manifest_digest = _sha256(manifest)
+        entry: dict[str, Any] = {
+            "mediaType": OCI_MANIFEST,
+            "digest": manifest_digest,
+            "size": len(manifest),
+        }
+        if image.ref_name:
+            name = image.ref_name
+            if "@" in name and manifest != image.manifest:
+                # pinned to the registry's digest, which the renamed manifest no longer
+                # has: pinned to the one it has here (podman refuses a name that lies)
+                name = f"{name.partition('@')[0]}@{manifest_digest}"
+            entry["annotations"] = {REF_NAME: name, CONTAINERD_NAME: name}
+        index_entries.append(entry)
+        for digest, data in (
+            (manifest_digest, manifest),
+            (_sha256(image.config), image.config),
+        ):
+            if digest not in written:
+                written.add(digest)
+                blobs.append(_file(f"blobs/sha256/{digest.partition(':')[2]}", data))
+        for layer in image.layers:
+            if layer.digest in written:
+                shared += layer.size
+                continue
+            written.add(layer.digest)
+            blobs.append(_header(f"blobs/sha256/{layer.digest.partition(':')[2]}", layer.size))
+            blobs.append(LayerPiece(layer, verbatim=True))
+            blobs.append(_padding(layer.size))
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": index_entries}
+    head = (
+        _file("oci-layout", _json({"imageLayoutVersion": "1.0.0"}))
+        + _file("index.json", _json(index))
+        + _header("blobs", directory=True)
+        + _header("blobs/sha256", directory=True)
+    )
+    return _Plan([head, *blobs, bytes(2 * _BLOCK)], shared)
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -487,7 +677,71 @@ class _HashingSink:
         self._raw.flush()
 
 
-class _ArchiveWriter:
+class _Writer:
+    """Writes the planned pieces to the sink as a plain tar: layer bodies decompressed
+    (docker layout) or copied as they are (OCI layout). Counts uncompressed tar bytes."""
+
+    def __init__(
+        self, sink: _HashingSink, *, total: int, progress: ProgressCallback | None
+    ) -> None:
+        self._sink = sink
+        self._total = total
+        self._progress = progress
+        self.done = 0
+        self.spliced = 0
+
+    def _report(self, done: int) -> None:
+        if self._progress is not None:
+            self._progress(done, self._total)
+
+    def add(self, data: bytes) -> None:
+        self._sink.write(data)
+        self.done += len(data)
+        self._report(self.done)
+
+    def end(self) -> None:
+        pass
+
+    def layer(self, piece: LayerPiece) -> None:
+        if piece.verbatim or piece.layer.media_type in TAR_LAYER_TYPES:
+            self._copy(piece)
+        else:
+            for chunk in _checked_tar_chunks(piece.layer):
+                self._sink.write(chunk)
+                self.done += len(chunk)
+                self._report(self.done)
+
+    def _copy(self, piece: LayerPiece) -> None:
+        """Copy the blob as it is: its bytes are the body the plan sized. The blob must be
+        the one inspected: one of another length would corrupt the tar, so that is an
+        error."""
+        start, size = self.done, piece.size
+        buffer = bytearray(_READ_CHUNK)
+        view = memoryview(buffer)
+        copied = 0
+        with piece.layer.blob.open("rb", buffering=0) as source:
+            blob_size = os.fstat(source.fileno()).st_size
+            if blob_size != size:
+                raise LayerFormatError(
+                    f"layer {piece.layer.blob} changed since it was inspected: "
+                    f"expected {size} bytes, found {blob_size}"
+                )
+            while n := source.readinto(buffer):
+                copied += n
+                if copied > size:
+                    break
+                self._sink.write(view[:n])
+                self._report(start + size * copied // max(blob_size, 1))
+        if copied != size:
+            raise LayerFormatError(
+                f"layer {piece.layer.blob} changed since it was inspected: "
+                f"expected {size} bytes, found {'more' if copied > size else copied}"
+            )
+        self.spliced += copied
+        self.done = start + size
+
+
+class _GzipWriter(_Writer):
     """Writes the planned pieces as gzip members: small members for plain bytes, blobs
     copied verbatim, recompressed members for layers that cannot be spliced."""
 
@@ -500,31 +754,24 @@ class _ArchiveWriter:
         total: int,
         progress: ProgressCallback | None,
     ) -> None:
-        self._sink = sink
+        super().__init__(sink, total=total, progress=progress)
         self._level = level
         self._threads = threads
-        self._total = total
-        self._progress = progress
         self._pending = bytearray()
-        self.done = 0
-        self.spliced = 0
-
-    def _report(self, done: int) -> None:
-        if self._progress is not None:
-            self._progress(done, self._total)
 
     def add(self, data: bytes) -> None:
         self._pending += data
         self.done += len(data)
 
-    def end_member(self) -> None:
+    def end(self) -> None:
         if self._pending:
             self._sink.write(isal_zlib.compress(self._pending, self._level, wbits=_GZIP_WBITS))
             self._pending.clear()
             self._report(self.done)
 
-    def layer(self, layer: ArchiveLayer) -> None:
-        self.end_member()
+    def layer(self, piece: LayerPiece) -> None:
+        self.end()
+        layer = piece.layer
         if layer.media_type in GZIP_LAYER_TYPES and layer.info.spliceable:
             self._splice(layer)
         else:
@@ -551,36 +798,40 @@ class _ArchiveWriter:
         self.done = start + tar_size
 
     def _recompress(self, layer: ArchiveLayer) -> None:
-        """Decompress the blob and deflate it with ISA-L as one member of its own.
-
-        Raises LayerFormatError when the blob no longer decompresses to ``tar_size``
-        bytes (it changed since it was inspected).
-        """
-        expected = layer.info.tar_size
-        written = 0
+        """Decompress the blob and deflate it with ISA-L as one member of its own."""
         gz_open = igzip_threaded.open  # untyped in python-isal
-        with (
-            layer.blob.open("rb") as source,
-            gz_open(  # type: ignore[no-untyped-call]
-                self._sink, "wb", compresslevel=self._level, threads=self._threads
-            ) as gz,
-        ):
-            chunks = _layer_tar_chunks(
-                source, layer.media_type, str(layer.blob), _ignore, _GzipMembers()
-            )
-            for chunk in chunks:
-                written += len(chunk)
-                if written > expected:
-                    break
+        with gz_open(  # type: ignore[no-untyped-call]
+            self._sink, "wb", compresslevel=self._level, threads=self._threads
+        ) as gz:
+            for chunk in _checked_tar_chunks(layer):
                 gz.write(chunk)
                 self.done += len(chunk)
                 self._report(self.done)
-        if written != expected:
-            found = "more" if written > expected else str(written)
-            raise LayerFormatError(
-                f"layer {layer.blob} changed since it was inspected: "
-                f"expected {expected} uncompressed bytes, found {found}"
-            )
+
+
+def _checked_tar_chunks(layer: ArchiveLayer) -> Iterator[bytes]:
+    """The blob's uncompressed layer tar, in bounded chunks.
+
+    Raises LayerFormatError when the blob no longer decompresses to ``tar_size`` bytes
+    (it changed since it was inspected) or is corrupt.
+    """
+    expected = layer.info.tar_size
+    written = 0
+    with layer.blob.open("rb") as source:
+        chunks = _layer_tar_chunks(
+            source, layer.media_type, str(layer.blob), _ignore, _GzipMembers()
+        )
+        for chunk in chunks:
+            written += len(chunk)
+            if written > expected:
+                break
+            yield chunk
+    if written != expected:
+        found = "more" if written > expected else str(written)
+        raise LayerFormatError(
+            f"layer {layer.blob} changed since it was inspected: "
+            f"expected {expected} uncompressed bytes, found {found}"
+        )
 
 
 def _ignore(_: int) -> None:
@@ -589,48 +840,55 @@ def _ignore(_: int) -> None:
 
 def write_archive(
     dest: Path,
+    images: Sequence[ArchiveImage],
     *,
-    config: bytes,
-    layers: Sequence[ArchiveLayer],
-    repo_tags: Sequence[str],
+    fmt: ArchiveFormat = ArchiveFormat.DOCKER_GZIP,
     level: int = 1,
     threads: int = 2,
     progress: ProgressCallback | None = None,
 ) -> ArchiveResult:
-    """Write the docker-loadable ``.tar.gz`` of an image to ``dest`` atomically; blocking.
+    """Write the archive of ``images`` in format ``fmt`` to ``dest`` atomically; blocking.
 
-    ``layers`` supplies one blob per distinct diff_id of the config (more entries with the
-    same diff_id are allowed and ignored); ``layer.tar`` entries follow the config's
-    ``rootfs.diff_ids``. ``level`` is an ISA-L level (0-3), ``threads`` the deflate threads
-    for recompressed layers (at least 1 is used). ``progress(done, total)`` counts
-    uncompressed archive bytes. The output is a function of the inputs, level and
-    threads: headers carry mtime 0 and gzip members no timestamp.
+    Each image supplies one blob per distinct diff_id of its config (more entries with
+    the same diff_id are allowed and ignored); ``layer.tar`` entries follow the config's
+    ``rootfs.diff_ids``. A layer several images share is written once. ``oci-archive``
+    needs each image's registry manifest (``manifest``), whose blobs it stores verbatim.
+    ``level`` is an ISA-L level (0-3) and ``threads`` the deflate threads (at least 1)
+    for recompressed layers (``docker-archive+gzip`` only). ``progress(done, total)``
+    counts uncompressed archive bytes. The output is a function of the inputs, format,
+    level and threads: headers carry mtime 0 and gzip members no timestamp.
 
-    Raises LayerFormatError when the layers do not match the config or a blob is corrupt,
-    InvalidInput for a repo tag that is not ``repo:tag``, ValueError for a level outside
-    0-3, and StorageError when reading a blob or writing fails (``disk full`` on
-    ENOSPC). On failure the ``.part`` file is removed and ``dest`` is left as it was.
+    Raises LayerFormatError when the layers do not match a config (or manifest) or a
+    blob is corrupt, InvalidInput for a repo tag that is not ``repo:tag``, ValueError for
+    no images or a level outside 0-3, and StorageError when reading a blob or writing
+    fails (``disk full`` on ENOSPC). On failure the ``.part`` file is removed and
+    ``dest`` is left as it was.
     """
     if level not in _ISAL_LEVELS:
         raise ValueError(f"ISA-L compression level must be 0-3, not {level}")
+    if not images:
+        raise ValueError("an archive needs at least one image")
     started = time.monotonic()
-    pieces = _plan(config, layers, repo_tags)
-    total = sum(len(p) if isinstance(p, bytes) else p.info.tar_size for p in pieces)
+    plan = _docker_plan(images, fmt) if fmt.docker_layout else _oci_plan(images)
+    total = sum(len(p) if isinstance(p, bytes) else p.size for p in plan.pieces)
     with atomic_output(dest, "cannot write image archive") as raw:
         sink = _HashingSink(raw)
-        writer = _ArchiveWriter(
-            sink, level=level, threads=max(1, threads), total=total, progress=progress
+        writer = (
+            _GzipWriter(sink, level=level, threads=max(1, threads), total=total, progress=progress)
+            if fmt is ArchiveFormat.DOCKER_GZIP
+            else _Writer(sink, total=total, progress=progress)
         )
-        for piece in pieces:
+        for piece in plan.pieces:
             if isinstance(piece, bytes):
                 writer.add(piece)
             else:
                 writer.layer(piece)
-        writer.end_member()
+        writer.end()
     return ArchiveResult(
         bytes_in=writer.done,
         bytes_out=sink.size,
         sha256=sink.digest.hexdigest(),
         seconds=time.monotonic() - started,
         spliced_bytes=writer.spliced,
+        shared_bytes=plan.shared_bytes,
     )

@@ -2,14 +2,15 @@
 
 * ``clean_gzip`` removes expired archives under ``storage.gzip_path`` and abandoned work
   directories under ``storage.work_path``. It only ever touches what DCU writes there:
-  regular files ``*.tar.gz`` / ``*.tar.gz.part`` directly inside a task directory (a
+  regular archive files (``*.tar.gz``, ``*.tar``, ``*.oci.tar``, each also with ``.part``)
+  directly inside a task directory (a
   directory named by a canonical task UUID directly inside ``gzip_path``), and
   ``image.tar`` / ``image.tar.part`` inside a task directory of ``work_path``. It never
   follows a symlink: every step works on directory file descriptors opened with
   ``O_NOFOLLOW`` and ``lstat``-style calls, so a link swapped in mid-run cannot redirect
   it. Symlinked task directories or archives are left alone and counted as kept.
   With it runs the blob cache's LRU eviction down to ``download.cache_max_bytes``.
-* ``clean_objects`` removes expired ``<prefix><task_id>/<name>.tar.gz`` objects through
+* ``clean_objects`` removes expired ``<prefix><task_id>/<name><suffix>`` objects through
   the ``ObjectStore`` protocol (S3 or the local directory store alike).
 
 Both take ``now`` explicitly (tests drive them with a clock) and return a
@@ -55,6 +56,7 @@ from events.cleanup import (
     object_prefix,
     select_expired,
 )
+from events.formats import ARCHIVE_SUFFIXES
 from events.naming import PLAN_FILE, is_sha256_hex
 from events.schema import DecodeError, utcnow
 from kernel.errors import DcuError, PermanentFailure
@@ -64,7 +66,8 @@ log = logging.getLogger(__name__)
 
 CLEANUP_QUEUE = "cleanup"
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tar.gz.part")
+# Every format's archive, and the part file of one being written.
+ARCHIVE_NAMES = (*ARCHIVE_SUFFIXES, *(f"{suffix}.part" for suffix in ARCHIVE_SUFFIXES))
 WORK_FILES = frozenset({"image.tar", "image.tar.part", PLAN_FILE, f"{PLAN_FILE}.part"})
 BLOBS_DIR = "blobs"  # the registry engine's hard links to the task's verified blobs
 
@@ -193,7 +196,7 @@ def _remove_dir_if_empty(root_fd: int, task_id: str, what: str, result: CleanupR
 
 
 def _is_archive(name: str) -> bool:
-    return name.endswith(ARCHIVE_SUFFIXES) and not name.startswith(".")
+    return name.endswith(ARCHIVE_NAMES) and not name.startswith(".")
 
 
 def _clean_archives(

@@ -91,8 +91,10 @@ def compress_file(
     level: int = 1,
     threads: int = 2,
     progress: ProgressCallback | None = None,
+    gzip: bool = True,
 ) -> CompressResult:
-    """gzip ``src`` into ``dest`` atomically (``.part`` then rename); blocking.
+    """gzip ``src`` into ``dest`` atomically (``.part`` then rename); blocking. With
+    ``gzip=False`` the bytes are copied as they are (hashed on the way).
 
     Raises StorageError when reading or writing fails (disk full included); the partial
     output is removed.
@@ -103,9 +105,13 @@ def compress_file(
     with atomic_output(dest, f"cannot compress {src} into") as raw, src.open("rb") as source:
         hashing = _HashingWriter(raw)
         gz_open = igzip_threaded.open  # untyped in python-isal
-        with gz_open(hashing, "wb", compresslevel=level, threads=threads) as gz:  # type: ignore[no-untyped-call]
+        with (
+            gz_open(hashing, "wb", compresslevel=level, threads=threads)  # type: ignore[no-untyped-call]
+            if gzip
+            else contextlib.nullcontext(hashing)
+        ) as out:
             while chunk := source.read(_READ_CHUNK):
-                gz.write(chunk)
+                out.write(chunk)
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)

@@ -26,7 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.archive import LAYER_TYPES, ArchiveLayer, LayerInfo, check_diff_id, inspect_layer
+from actors.archive import (
+    DOCKER_MANIFEST,
+    LAYER_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    ArchiveImage,
+    ArchiveLayer,
+    LayerInfo,
+    check_diff_id,
+    inspect_layer,
+)
 from actors.blob_cache import BlobCache
 from actors.registry_client import (
     Endpoint,
@@ -36,18 +46,16 @@ from actors.registry_client import (
     parse_json_document,
 )
 from events import platform as platforms
+from events.formats import DEFAULT_FORMAT, ArchiveFormat
 from events.naming import PLAN_FILE
 from events.platform import Platform
-from events.reference import DEFAULT_REGISTRY, DEFAULT_TAG, ImageReference
+from events.reference import DEFAULT_TAG, ImageReference
 from kernel.errors import ImageNotFound, PermanentFailure, StorageError, UpstreamError
 from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SCHEMA1 = frozenset(
     {
         "application/vnd.docker.distribution.manifest.v1+json",
@@ -58,7 +66,7 @@ FOREIGN_MARKERS = ("foreign", "nondistributable")
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 _LOCK_POLL = 0.1  # seconds between tries for a blob another task is fetching
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: several images, each with its manifest blob
 
 ProgressCallback = Callable[[int, int | None], None]
 
@@ -110,15 +118,49 @@ class PlanLayer:
 
 
 @dataclass(frozen=True, slots=True)
-class ImagePlan:
-    """What the compress stage needs to write the archive; ``plan.json`` in the task dir."""
+class PlanImage:
+    """One image of a plan: its blobs in the task directory and the names it gets."""
 
+    reference: str  # as the caller wrote it
     image_id: str  # the config digest: what ``docker load`` reports
     config_blob: str
     layers: tuple[PlanLayer, ...]
-    repo_tags: tuple[str, ...]
+    repo_tags: tuple[str, ...]  # the docker layouts' RepoTags
+    ref_name: str  # the OCI layout's name (see ``image_name``)
     manifest_digest: str
     platform: str
+    manifest_blob: str = ""  # empty in a version 1 plan: no OCI layout from it
+    manifest_media_type: str = ""
+
+    def archive_image(self, task_dir: Path) -> ArchiveImage:
+        """The image for ``actors.archive.write_archive``; reads the config and manifest
+        (blocking). Raises OSError when they cannot be read."""
+        blobs = task_dir / "blobs"
+        return ArchiveImage(
+            config=(blobs / self.config_blob).read_bytes(),
+            layers=[
+                ArchiveLayer(
+                    blob=blobs / layer.blob,
+                    media_type=layer.media_type,
+                    info=LayerInfo(layer.diff_id, layer.tar_size, layer.spliceable),
+                    digest=layer.digest,
+                    size=layer.size,
+                )
+                for layer in self.layers
+            ],
+            repo_tags=self.repo_tags,
+            ref_name=self.ref_name,
+            manifest=(blobs / self.manifest_blob).read_bytes() if self.manifest_blob else b"",
+            manifest_media_type=self.manifest_media_type,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePlan:
+    """What the compress stage needs to write the archive; ``plan.json`` in the task dir.
+    One image for a task, several for a bundle (in the order asked)."""
+
+    images: tuple[PlanImage, ...]
     version: int = PLAN_VERSION
 
     def to_json(self) -> str:
@@ -126,16 +168,23 @@ class ImagePlan:
 
     @classmethod
     def read(cls, path: Path) -> ImagePlan:
-        """Raises PermanentFailure when the file is missing or not a plan."""
+        """Raises PermanentFailure when the file is missing or not a plan. A version 1
+        plan (one image, written before bundles) is read as a plan of that image."""
         try:
             data = json.loads(path.read_text())
+            if "images" not in data:
+                data = {"images": [{**data, "reference": "", "ref_name": ""}], "version": 1}
             return cls(
-                image_id=str(data["image_id"]),
-                config_blob=str(data["config_blob"]),
-                layers=tuple(PlanLayer(**layer) for layer in data["layers"]),
-                repo_tags=tuple(str(tag) for tag in data["repo_tags"]),
-                manifest_digest=str(data["manifest_digest"]),
-                platform=str(data["platform"]),
+                images=tuple(
+                    PlanImage(
+                        **{
+                            **image,
+                            "layers": tuple(PlanLayer(**layer) for layer in image["layers"]),
+                            "repo_tags": tuple(str(tag) for tag in image["repo_tags"]),
+                        }
+                    )
+                    for image in data["images"]
+                ),
                 version=int(data.get("version", PLAN_VERSION)),
             )
         except FileNotFoundError:
@@ -145,20 +194,12 @@ class ImagePlan:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PermanentFailure(f"download plan {path} is unreadable: {exc}") from None
 
-    def archive_layers(self, task_dir: Path) -> list[ArchiveLayer]:
-        return [
-            ArchiveLayer(
-                blob=task_dir / "blobs" / layer.blob,
-                media_type=layer.media_type,
-                info=LayerInfo(
-                    diff_id=layer.diff_id, tar_size=layer.tar_size, spliceable=layer.spliceable
-                ),
-            )
-            for layer in self.layers
-        ]
-
-    def config_path(self, task_dir: Path) -> Path:
-        return task_dir / "blobs" / self.config_blob
+    def archive_images(self, task_dir: Path) -> list[ArchiveImage]:
+        """Blocking. Raises PermanentFailure when a config or manifest is gone."""
+        try:
+            return [image.archive_image(task_dir) for image in self.images]
+        except OSError as exc:
+            raise PermanentFailure(f"download plan's blobs are unreadable: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,32 +211,24 @@ class Downloaded:
     cached_bytes: int
 
 
-def repository_path(ref: ImageReference) -> str:
-    """The repository as the registry API names it: ``nginx`` on Docker Hub is
-    ``library/nginx``."""
-    if ref.registry_host == DEFAULT_REGISTRY and "/" not in ref.path:
-        return f"library/{ref.path}"
-    return ref.path
-
-
 def repo_tags(ref: ImageReference) -> tuple[str, ...]:
-    """The ``RepoTags`` ``docker save`` writes for ``ref``: the familiar name (Hub's
-    ``docker.io/library/`` dropped) with its tag; none for a reference by digest."""
-    if ref.digest:
+    """The ``RepoTags`` of ``ref`` in a docker archive: its fully qualified name
+    (``docker.io/library/nginx:latest``), which every loader reads as that image. (``docker
+    save`` writes the familiar ``nginx:latest``; docker reads both alike, but podman loads
+    a familiar name as ``localhost/nginx:latest``.) A reference by digest has none unless it
+    names a tag too (``name:tag@sha256:...``): a docker archive cannot carry a digest."""
+    if ref.digest and not ref.tag:
         return ()
-    name = ref.name
-    for prefix in (f"{DEFAULT_REGISTRY}/library/", f"{DEFAULT_REGISTRY}/"):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    return (f"{name}:{ref.tag or DEFAULT_TAG}",)
+    return (ref.canonical,)
 
 
-def reuse_key(manifest_digest: str, tags: Sequence[str]) -> str:
-    """Identifies an archive's content: the image manifest's digest (one platform's: it
-    pins the config and every layer) and the tags written into ``manifest.json``."""
+def reuse_key(
+    manifest_digest: str, tags: Sequence[str], fmt: ArchiveFormat = DEFAULT_FORMAT
+) -> str:
+    """Identifies an archive's content: its format, the image manifest's digest (one
+    platform's: it pins the config and every layer) and the tags written into it."""
     text = json.dumps(
-        {"format": "docker-archive+gzip/1", "manifest": manifest_digest, "tags": list(tags)},
+        {"format": f"{fmt}/1", "manifest": manifest_digest, "tags": list(tags)},
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()
@@ -249,7 +282,7 @@ class RegistryEngine:
         another platform is refused; otherwise it is taken as the engine would).
         Raises ImageNotFound, RegistryRefused, RegistryUnavailable.
         """
-        repository = repository_path(ref)
+        repository = ref.repository
         endpoints = self.client.endpoints(ref.registry_host)
         failure: Exception | None = None
         for endpoint in endpoints:
@@ -376,30 +409,41 @@ class RegistryEngine:
 
     async def download(
         self,
-        ref: ImageReference,
-        resolved: ResolvedImage,
+        images: Sequence[tuple[ImageReference, ResolvedImage]],
         task_dir: Path,
         progress: ProgressCallback | None = None,
     ) -> Downloaded:
-        """Fetch and verify every blob of ``resolved`` into ``task_dir/blobs`` and write
-        ``task_dir/plan.json``. Raises ImageNotFound, RegistryRefused (bad content),
-        RegistryUnavailable, StorageError, PermanentFailure (over ``max_image_bytes``)."""
+        """Fetch and verify every blob of the resolved images (one, or a bundle's) into
+        ``task_dir/blobs``, each blob once, and write ``task_dir/plan.json``.
+
+        Raises ImageNotFound, RegistryRefused (bad content), RegistryUnavailable,
+        StorageError, PermanentFailure (over ``max_image_bytes``, for all images
+        together)."""
+        what = (
+            f"image {images[0][0]}" if len(images) == 1 else f"the bundle of {len(images)} images"
+        )
         limit = self._settings.workers.max_image_bytes
-        if limit and resolved.compressed_bytes > limit:
+        unique = {d.digest: d for _, resolved in images for d in resolved.layers}
+        compressed = sum(d.size for d in unique.values())
+        if limit and compressed > limit:
             raise PermanentFailure(
-                f"image {ref} has {resolved.compressed_bytes} bytes of compressed layers, over "
-                f"the limit of {limit} bytes"
+                f"{what} has {compressed} bytes of compressed layers, over the limit of "
+                f"{limit} bytes"
             )
+        for ref, resolved in images:
+            if resolved.config.size > MAX_CONFIG_BYTES:
+                raise RegistryRefused(f"config of {ref} is larger than {MAX_CONFIG_BYTES} bytes")
         blobs = task_dir / "blobs"
         await asyncio.to_thread(blobs.mkdir, parents=True, exist_ok=True)
-        unique = {d.digest: d for d in resolved.layers}
-        total = resolved.config.size + sum(d.size for d in unique.values())
+        configs = {resolved.config.digest: resolved.config for _, resolved in images}
+        total = sum(d.size for d in configs.values()) + compressed
         missing = sum(d.size for d in unique.values() if self.cache.lookup(d.digest) is None)
         await asyncio.to_thread(self.cache.root.mkdir, parents=True, exist_ok=True)
         free = shutil.disk_usage(self.cache.root).free
         if missing > free:
             raise StorageError(
-                f"not enough disk for the blobs of {ref} in {self.cache.root}: "
+                f"not enough disk for the blobs of {what.removeprefix('image ')} in "
+                f"{self.cache.root}: "
                 f"{missing} bytes needed, {free} free"
             )
         done = 0
@@ -410,37 +454,78 @@ class RegistryEngine:
             if progress is not None:
                 progress(done, total)
 
-        if resolved.config.size > MAX_CONFIG_BYTES:
-            raise RegistryRefused(f"config of {ref} is larger than {MAX_CONFIG_BYTES} bytes")
-        config_path = blobs / resolved.config.digest.partition(":")[2]
-        fetched, cached = await self._blob(resolved, resolved.config, config_path, counted)
-        config = parse_json_document(config_path.read_bytes(), f"config of {ref}")
-        diff_ids = _diff_ids(config, f"config of {ref}")
-        if len(diff_ids) != len(resolved.layers):
-            raise RegistryRefused(
-                f"image {ref}: {len(resolved.layers)} layers but {len(diff_ids)} diff_ids"
-            )
-        image_platform = _image_platform(ref, resolved, config)
         gate = asyncio.Semaphore(self._settings.download.parallel_blobs)
+        fetches: dict[str, asyncio.Task[tuple[int, int]]] = {}
         infos: dict[str, LayerInfo] = {}
 
-        async def one(descriptor: Descriptor) -> tuple[int, int]:
+        async def one(resolved: ResolvedImage, descriptor: Descriptor) -> tuple[int, int]:
             async with gate:
                 path = blobs / descriptor.digest.partition(":")[2]
                 result = await self._blob(resolved, descriptor, path, counted)
-                infos[descriptor.digest] = await self._layer_info(descriptor, path)
+                if descriptor.digest in unique:
+                    infos[descriptor.digest] = await self._layer_info(descriptor, path)
                 return result
 
-        tasks = [asyncio.create_task(one(d)) for d in unique.values()]
+        planned: list[PlanImage] = []
         try:
-            for got_fetched, got_cached in await asyncio.gather(*tasks):
-                fetched += got_fetched
-                cached += got_cached
+            for ref, resolved in images:
+                # Configs first (they are small): a bad one fails the task before the
+                # layers are fetched. A blob two images share is fetched once.
+                config_path = blobs / resolved.config.digest.partition(":")[2]
+                if resolved.config.digest not in fetches:
+                    fetches[resolved.config.digest] = asyncio.create_task(
+                        one(resolved, resolved.config)
+                    )
+                await fetches[resolved.config.digest]
+                config = parse_json_document(config_path.read_bytes(), f"config of {ref}")
+                diff_ids = _diff_ids(config, f"config of {ref}")
+                if len(diff_ids) != len(resolved.layers):
+                    raise RegistryRefused(
+                        f"image {ref}: {len(resolved.layers)} layers but {len(diff_ids)} diff_ids"
+                    )
+                for descriptor in resolved.layers:
+                    if descriptor.digest not in fetches:
+                        fetches[descriptor.digest] = asyncio.create_task(one(resolved, descriptor))
+            results = await asyncio.gather(*fetches.values())
+            for ref, resolved in images:
+                planned.append(await self._plan_image(ref, resolved, blobs, infos))
         except BaseException:
-            for task in tasks:
+            for task in fetches.values():
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*fetches.values(), return_exceptions=True)
             raise
+        tar_bytes = sum(info.tar_size for info in infos.values())
+        if limit and tar_bytes > limit:
+            raise PermanentFailure(
+                f"{what} is {tar_bytes} bytes uncompressed, over the limit of {limit} bytes"
+            )
+        plan = ImagePlan(images=tuple(planned))
+        plan_path = task_dir / PLAN_FILE
+        part = plan_path.with_name(PLAN_FILE + ".part")
+        await asyncio.to_thread(part.write_text, plan.to_json())
+        await asyncio.to_thread(part.replace, plan_path)
+        await asyncio.to_thread(self.cache.evict)
+        return Downloaded(
+            plan,
+            plan_path,
+            tar_bytes,
+            fetched_bytes=sum(fetched for fetched, _ in results),
+            cached_bytes=sum(cached for _, cached in results),
+        )
+
+    async def _plan_image(
+        self,
+        ref: ImageReference,
+        resolved: ResolvedImage,
+        blobs: Path,
+        infos: dict[str, LayerInfo],
+    ) -> PlanImage:
+        """The plan entry of one downloaded image: its layers checked against the
+        config's diff_ids, and its manifest kept beside its blobs (an OCI layout holds
+        it verbatim)."""
+        config_blob = resolved.config.digest.partition(":")[2]
+        config = parse_json_document((blobs / config_blob).read_bytes(), f"config of {ref}")
+        diff_ids = _diff_ids(config, f"config of {ref}")
         layers = []
         for descriptor, diff_id in zip(resolved.layers, diff_ids, strict=True):
             info = infos[descriptor.digest]
@@ -456,25 +541,20 @@ class RegistryEngine:
                     spliceable=info.spliceable,
                 )
             )
-        tar_bytes = sum(info.tar_size for info in infos.values())
-        if limit and tar_bytes > limit:
-            raise PermanentFailure(
-                f"image {ref} is {tar_bytes} bytes uncompressed, over the limit of {limit} bytes"
-            )
-        plan = ImagePlan(
+        manifest_blob = resolved.manifest.digest.partition(":")[2]
+        await asyncio.to_thread((blobs / manifest_blob).write_bytes, resolved.manifest.body)
+        return PlanImage(
+            reference=str(ref),
             image_id=resolved.config.digest,
-            config_blob=config_path.name,
+            config_blob=config_blob,
             layers=tuple(layers),
             repo_tags=repo_tags(ref),
+            ref_name=ref.canonical,
             manifest_digest=resolved.manifest.digest,
-            platform=image_platform,
+            platform=_image_platform(ref, resolved, config),
+            manifest_blob=manifest_blob,
+            manifest_media_type=resolved.manifest.media_type,
         )
-        plan_path = task_dir / PLAN_FILE
-        part = plan_path.with_name(PLAN_FILE + ".part")
-        await asyncio.to_thread(part.write_text, plan.to_json())
-        await asyncio.to_thread(part.replace, plan_path)
-        await asyncio.to_thread(self.cache.evict)
-        return Downloaded(plan, plan_path, tar_bytes, fetched, cached)
 
 
 def _diff_ids(config: dict[str, Any], what: str) -> list[str]:

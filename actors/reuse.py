@@ -1,7 +1,7 @@
 """Digest reuse: a task whose archive was already packaged copies the object instead.
 
-An archive's content is fixed by the image manifest's digest (one platform's: it pins the
-config and every layer) and the tags written into it, so equal keys
+An archive's content is fixed by its format, the image manifest's digest (one platform's:
+it pins the config and every layer) and the names written into it, so equal keys
 (``registry_engine.reuse_key``) mean equal archives. After each upload a small pointer
 object ``<prefix>reuse/<key>.json`` names the object that holds the archive; a later task
 with the same key finds the pointer, checks that the object still exists with the same
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from actors.object_store import ObjectInfo, ObjectStore
 from actors.registry_engine import ResolvedImage, repo_tags, reuse_key
+from events.formats import ArchiveFormat
 from events.naming import UnsafeName, reuse_pointer_name
 from events.reference import ImageReference
 from events.schema import Compressed
@@ -38,15 +39,20 @@ class Reusable:
     platform: str | None
 
 
-def key_for(manifest_digest: str, ref: ImageReference) -> str:
-    return reuse_key(manifest_digest, repo_tags(ref))
+def key_for(manifest_digest: str, ref: ImageReference, fmt: ArchiveFormat) -> str:
+    names = repo_tags(ref) if fmt.docker_layout else (ref.canonical,)
+    return reuse_key(manifest_digest, names, fmt)
 
 
 async def find(
-    store: ObjectStore, prefix: str, resolved: ResolvedImage, ref: ImageReference
+    store: ObjectStore,
+    prefix: str,
+    resolved: ResolvedImage,
+    ref: ImageReference,
+    fmt: ArchiveFormat,
 ) -> Reusable | None:
-    """The object already holding this task's archive, or None."""
-    key = key_for(resolved.manifest.digest, ref)
+    """The object already holding this task's archive in format ``fmt``, or None."""
+    key = key_for(resolved.manifest.digest, ref, fmt)
     try:
         raw = await store.get_bytes(reuse_pointer_name(prefix, key), limit=_POINTER_MAX)
         if raw is None:
@@ -88,12 +94,17 @@ def _reusable(info: ObjectInfo) -> Reusable:
 
 
 async def remember(
-    store: ObjectStore, prefix: str, ref: ImageReference, name: str, payload: Compressed
+    store: ObjectStore,
+    prefix: str,
+    ref: ImageReference,
+    name: str,
+    payload: Compressed,
+    fmt: ArchiveFormat,
 ) -> None:
     """Point this archive's key at ``name``; a failure only costs a later reuse."""
     if not payload.manifest_digest:
         return
-    key = key_for(payload.manifest_digest, ref)
+    key = key_for(payload.manifest_digest, ref, fmt)
     pointer = {
         "object": name,
         "size": payload.bytes_out,

@@ -38,9 +38,11 @@ from actors.object_store import ObjectStore
 from actors.progress import ProgressReporter
 from actors.registry_engine import ImagePlan, RegistryEngine
 from events import naming
+from events.formats import DEFAULT_FORMAT, ArchiveFormat
 from events.platform import InvalidPlatform, parse_platform
 from events.reference import ImageReference, InvalidReference, parse_reference, registry_refusal
 from events.schema import (
+    BundleImage,
     Compressed,
     CompressStarted,
     Downloaded,
@@ -149,8 +151,13 @@ class StageContext:
     def work_tar(self, task_id: str) -> Path:
         return naming.work_tar_path(Path(self.settings.storage.work_path), task_id)
 
-    def archive(self, task_id: str, ref: ImageReference) -> str:
-        return naming.archive_path(self.settings.storage.gzip_path, task_id, str(ref))
+    def archive(self, task_id: str, name: str, fmt: ArchiveFormat) -> str:
+        """The archive's path; ``name`` is the image reference or a bundle's name."""
+        return naming.archive_path(self.settings.storage.gzip_path, task_id, name, fmt)
+
+    def format_of(self, fmt: ArchiveFormat | None) -> ArchiveFormat:
+        """An event's format, or the configured default for an event that names none."""
+        return fmt or self.settings.storage.archive_format
 
 
 def _reference(text: str) -> ImageReference:
@@ -181,14 +188,22 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     """
     assert isinstance(event.payload, Requested)
     task_id = _task_id(event)
-    ref = _reference(event.payload.docker_image_name)
-    refusal = registry_refusal(ref, ctx.settings.docker.allowed_registries)
-    if refusal is not None:
-        raise PermanentFailure(refusal)
+    bundle = event.payload.images is not None
+    refs = [_reference(text) for text in event.payload.images or [event.payload.docker_image_name]]
+    for ref in refs:
+        refusal = registry_refusal(ref, ctx.settings.docker.allowed_registries)
+        if refusal is not None:
+            raise PermanentFailure(refusal)
     try:
         wanted = parse_platform(event.payload.platform or ctx.settings.download.platform)
     except InvalidPlatform as exc:
         raise PermanentFailure(str(exc)) from exc
+    fmt = ctx.format_of(event.payload.format)
+    if ctx.registry is None and (bundle or fmt is ArchiveFormat.OCI):
+        raise PermanentFailure(
+            f"{'a bundle' if bundle else fmt.value} needs download.engine registry; this "
+            "worker runs the docker engine"
+        )
     if await ctx.already_done(task_id, EventType.DOWNLOADED):
         return None
     discard = _discard_work_dir(ctx, task_id)
@@ -200,13 +215,17 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     tar = ctx.work_tar(task_id)
     remove_stale_parts(tar.parent, ctx.stale_after)
     if ctx.registry is None:
-        return await _download_with_engine(ctx, task_id, ref, tar, started, discard)
+        return await _download_with_engine(ctx, task_id, refs[0], tar, fmt, started, discard)
     registry = ctx.registry
+    explicit = event.payload.platform is not None
     async with ctx.reporter(task_id, Stage.DOWNLOAD) as progress:
-        log.info("task %s: resolving %s for %s", task_id, ref, wanted)
-        resolved = await registry.resolve(ref, wanted, explicit=event.payload.platform is not None)
-        if ctx.settings.download.reuse:
-            found = await reuse.find(ctx.store, ctx.settings.minio.prefix, resolved, ref)
+        resolved = []
+        for ref in refs:
+            log.info("task %s: resolving %s for %s", task_id, ref, wanted)
+            resolved.append((ref, await registry.resolve(ref, wanted, explicit=explicit)))
+        if ctx.settings.download.reuse and not bundle:
+            ref, image = resolved[0]
+            found = await reuse.find(ctx.store, ctx.settings.minio.prefix, image, ref, fmt)
             if found is not None:
                 log.info("task %s: %s was packaged before as %s", task_id, ref, found.object)
                 return await ctx.complete(
@@ -219,44 +238,59 @@ async def download(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
                         seconds=round(loop.time() - started, 3),
                         engine="registry",
                         layout="reuse",
-                        manifest_digest=resolved.manifest.digest,
+                        manifest_digest=image.manifest.digest,
                         platform=found.platform,
                         fetched_bytes=0,
                         cached_bytes=0,
                         reused_object=found.object,
+                        format=fmt,
                     ),
                     discard,
                 )
-        log.info(
-            "task %s: fetching %d layers of %s (%s, %s)",
-            task_id,
-            len(resolved.layers),
-            ref,
-            resolved.platform,
-            resolved.manifest.digest,
-        )
-        got = await registry.download(ref, resolved, tar.parent, progress.update)
+        for ref, image in resolved:
+            log.info(
+                "task %s: fetching %d layers of %s (%s, %s)",
+                task_id,
+                len(image.layers),
+                ref,
+                image.platform,
+                image.manifest.digest,
+            )
+        got = await registry.download(resolved, tar.parent, progress.update)
     log.info(
         "task %s: %s verified: %d bytes fetched, %d from the cache",
         task_id,
-        ref,
+        event.payload.docker_image_name,
         got.fetched_bytes,
         got.cached_bytes,
     )
+    first = got.plan.images[0]
     return await ctx.complete(
         task_id,
         Downloaded(
-            docker_image_name=str(ref),
-            image_id=got.plan.image_id,
+            docker_image_name=event.payload.docker_image_name,
+            image_id=first.image_id,
             tar_path=str(got.plan_path),
             bytes=got.tar_bytes,
             seconds=round(loop.time() - started, 3),
             engine="registry",
             layout="blobs",
-            manifest_digest=got.plan.manifest_digest,
-            platform=got.plan.platform,
+            manifest_digest=None if bundle else first.manifest_digest,
+            platform=event.payload.platform if bundle else first.platform,
             fetched_bytes=got.fetched_bytes,
             cached_bytes=got.cached_bytes,
+            format=fmt,
+            images=[
+                BundleImage(
+                    docker_image_name=image.reference,
+                    image_id=image.image_id,
+                    manifest_digest=image.manifest_digest,
+                    platform=image.platform,
+                )
+                for image in got.plan.images
+            ]
+            if bundle
+            else None,
         ),
         discard,
     )
@@ -267,6 +301,7 @@ async def _download_with_engine(
     task_id: str,
     ref: ImageReference,
     tar: Path,
+    fmt: ArchiveFormat,
     started: float,
     discard: Discard,
 ) -> Event | None:
@@ -293,6 +328,7 @@ async def _download_with_engine(
             tar_path=str(exported.path),
             bytes=exported.bytes,
             seconds=round(asyncio.get_running_loop().time() - started, 3),
+            format=fmt,
         ),
         discard,
     )
@@ -312,10 +348,12 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     assert isinstance(event.payload, Downloaded)
     payload = event.payload
     task_id = _task_id(event)
-    ref = _reference(payload.docker_image_name)
+    bundle = payload.images is not None
+    name = payload.docker_image_name if bundle else str(_reference(payload.docker_image_name))
+    fmt = ArchiveFormat(payload.format or DEFAULT_FORMAT)
     if await ctx.already_done(task_id, EventType.COMPRESSED):
         return None
-    archive = ctx.archive(task_id, ref)
+    archive = ctx.archive(task_id, name, fmt)
     discard = _discard_compress(ctx, task_id, Path(archive).parent)
     if await ctx.stopped(task_id, "not running the compress stage", discard):
         return None
@@ -330,7 +368,7 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
         return await ctx.complete(
             task_id,
             Compressed(
-                docker_image_name=str(ref),
+                docker_image_name=name,
                 image_id=payload.image_id,
                 gzip_file_name="",
                 bytes_in=0,
@@ -340,6 +378,7 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
                 reused_object=payload.reused_object,
                 manifest_digest=payload.manifest_digest,
                 platform=payload.platform,
+                format=fmt,
             ),
             discard,
         )
@@ -355,17 +394,17 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     remove_stale_parts(Path(archive).parent, ctx.stale_after)
     storage = ctx.settings.storage
     spliced: int | None = None
+    shared: int | None = None
     async with ctx.reporter(task_id, Stage.COMPRESS) as progress:
         if from_blobs:
             plan = ImagePlan.read(source)
-            config = await asyncio.to_thread(plan.config_path(task_dir).read_bytes)
+            images = await asyncio.to_thread(plan.archive_images, task_dir)
             written = await asyncio.to_thread(
                 functools.partial(
                     write_archive,
                     Path(archive),
-                    config=config,
-                    layers=plan.archive_layers(task_dir),
-                    repo_tags=plan.repo_tags,
+                    images,
+                    fmt=fmt,
                     level=storage.compress_level,
                     threads=storage.compress_threads,
                     progress=progress.update,
@@ -373,7 +412,10 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
             )
             bytes_in, bytes_out = written.bytes_in, written.bytes_out
             sha256, seconds, spliced = written.sha256, written.seconds, written.spliced_bytes
+            shared = written.shared_bytes if bundle else None
         else:
+            if not fmt.docker_layout:
+                raise PermanentFailure(f"an engine's image tar cannot become an {fmt.value}")
             result = await asyncio.to_thread(
                 compress_file,
                 tar,
@@ -381,12 +423,14 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
                 level=storage.compress_level,
                 threads=storage.compress_threads,
                 progress=progress.update,
+                gzip=fmt is ArchiveFormat.DOCKER_GZIP,
             )
             bytes_in, bytes_out = result.bytes_in, result.bytes_out
             sha256, seconds = result.sha256, result.seconds
     log.info(
-        "task %s: %s %d -> %d bytes in %.1fs (%.0f MB/s)",
+        "task %s: %s %s %d -> %d bytes in %.1fs (%.0f MB/s)",
         task_id,
+        fmt.value,
         "spliced" if from_blobs else "compressed",
         bytes_in,
         bytes_out,
@@ -396,17 +440,20 @@ async def compress(ctx: StageContext, event: Event, attempt: int = 1) -> Event |
     completed = await ctx.complete(
         task_id,
         Compressed(
-            docker_image_name=str(ref),
+            docker_image_name=name,
             image_id=payload.image_id,
             gzip_file_name=archive,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
             sha256=sha256,
             seconds=round(seconds, 3),
-            method="splice" if from_blobs else "gzip",
+            method=_method(fmt, from_blobs),
             spliced_bytes=spliced,
             manifest_digest=payload.manifest_digest,
             platform=payload.platform,
+            format=fmt,
+            bundle=bundle,
+            shared_bytes=shared,
         ),
         discard,
     )
@@ -431,10 +478,12 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
     assert isinstance(event.payload, Compressed)
     payload = event.payload
     task_id = _task_id(event)
-    ref = _reference(payload.docker_image_name)
+    ref = None if payload.bundle else _reference(payload.docker_image_name)
+    subject = payload.docker_image_name if ref is None else str(ref)
+    fmt = ArchiveFormat(payload.format or DEFAULT_FORMAT)
     if await ctx.already_done(task_id, EventType.UPLOADED):
         return None
-    name = naming.object_name(ctx.settings.minio.prefix, task_id, str(ref))
+    name = naming.object_name(ctx.settings.minio.prefix, task_id, subject, fmt)
     discard = _discard_upload(ctx, name)
     if await ctx.stopped(task_id, "not running the upload stage", discard):
         return None
@@ -442,11 +491,14 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
         "dcu-task-id": task_id,
         "dcu-image-id": payload.image_id,
         "dcu-sha256": payload.sha256,
-        "dcu-image": str(ref),
+        "dcu-image": subject,
+        "dcu-format": fmt.value,
     }
-    if payload.manifest_digest:
+    if payload.bundle:
+        metadata["dcu-bundle"] = "true"
+    if payload.manifest_digest and ref is not None:
         metadata["dcu-manifest-digest"] = payload.manifest_digest
-        metadata["dcu-reuse-key"] = reuse.key_for(payload.manifest_digest, ref)
+        metadata["dcu-reuse-key"] = reuse.key_for(payload.manifest_digest, ref, fmt)
     if payload.platform:
         metadata["dcu-platform"] = payload.platform
     loop = asyncio.get_running_loop()
@@ -457,7 +509,7 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
         log.info("task %s: copied %s to %s (reuse)", task_id, payload.reused_object, name)
         reused_from: str | None = payload.reused_object
     else:
-        archive = Path(ctx.archive(task_id, ref))
+        archive = Path(ctx.archive(task_id, subject, fmt))
         if not archive.exists():
             raise PermanentFailure(
                 f"archive {archive} is missing (removed, or not on a shared volume)"
@@ -476,8 +528,8 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
             "task %s: uploaded %s to %s (%d bytes)", task_id, name, ctx.store.location, stored.size
         )
         reused_from = None
-        if payload.manifest_digest and ctx.settings.download.reuse:
-            await reuse.remember(ctx.store, ctx.settings.minio.prefix, ref, name, payload)
+        if payload.manifest_digest and ref is not None and ctx.settings.download.reuse:
+            await reuse.remember(ctx.store, ctx.settings.minio.prefix, ref, name, payload, fmt)
     completed = await ctx.complete(
         task_id,
         Uploaded(
@@ -490,6 +542,7 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
             manifest_digest=payload.manifest_digest,
             platform=payload.platform,
             reused_from=reused_from,
+            format=fmt,
         ),
         discard,
     )
@@ -501,6 +554,17 @@ async def upload(ctx: StageContext, event: Event, attempt: int = 1) -> Event | N
         except StorageError as exc:
             log.warning("task %s: unfinished uploads of %s left: %s", task_id, name, exc)
     return completed
+
+
+def _method(fmt: ArchiveFormat, from_blobs: bool) -> str:
+    """How the archive was written (``Compressed.method``): ``splice`` (gzip layers
+    copied verbatim), ``gzip`` (an engine's tar compressed), ``tar`` (layers written
+    uncompressed), ``oci`` (registry blobs copied as they are)."""
+    if fmt is ArchiveFormat.OCI:
+        return "oci"
+    if fmt is ArchiveFormat.DOCKER:
+        return "tar"
+    return "splice" if from_blobs else "gzip"
 
 
 def _discard_work_dir(ctx: StageContext, task_id: str) -> Discard:

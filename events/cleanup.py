@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Protocol, TypeVar
 from croniter import CroniterError, croniter
 from pydantic import Field, Strict, StringConstraints
 
+from events.formats import ARCHIVE_SUFFIXES
 from events.limits import CLEANUP_ERROR_MAX, CLEANUP_ERRORS_MAX
 from events.naming import is_sha256_hex
 from events.schema import (
@@ -316,7 +317,8 @@ def object_prefix(prefix: str) -> str:
 
 
 def is_dcu_object(name: str, prefix: str) -> bool:
-    """True for the keys DCU uploads: ``<prefix><task_id>/<file>.tar.gz`` archives and
+    """True for the keys DCU uploads: ``<prefix><task_id>/<file><suffix>`` archives (any
+    format's suffix: ``.tar.gz``, ``.tar``, ``.oci.tar``) and
     the ``<prefix>reuse/<64 hex>.json`` pointers to them (rewritten by every upload of
     their image, so one older than the retention points at an expired archive)."""
     base = object_prefix(prefix)
@@ -328,7 +330,7 @@ def is_dcu_object(name: str, prefix: str) -> bool:
     return (
         len(parts) == 2
         and is_task_id(parts[0])
-        and parts[1].endswith(".tar.gz")
+        and parts[1].endswith(ARCHIVE_SUFFIXES)
         and not parts[1].startswith(".")
     )
 

@@ -14,9 +14,9 @@ import re
 import uuid
 from pathlib import Path
 
+from events.formats import DEFAULT_FORMAT, ArchiveFormat
 from events.limits import SHA256_HEX_LEN
 
-ARCHIVE_SUFFIX = ".tar.gz"
 PLAN_FILE = "plan.json"  # the registry engine's download plan, in the task's work dir
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _STEM_MAX = 150  # leaves room for the suffix and a hash within a 255-byte file name
@@ -39,8 +39,9 @@ def archive_stem(reference: str) -> str:
     return stem
 
 
-def archive_file_name(reference: str) -> str:
-    return archive_stem(reference) + ARCHIVE_SUFFIX
+def archive_file_name(reference: str, fmt: ArchiveFormat = DEFAULT_FORMAT) -> str:
+    """``nginx:latest`` -> ``nginx_latest.tar.gz`` (``.tar``, ``.oci.tar`` by format)."""
+    return archive_stem(reference) + fmt.suffix
 
 
 def check_task_id(task_id: str) -> str:
@@ -51,12 +52,14 @@ def check_task_id(task_id: str) -> str:
         raise UnsafeName(f"task id {task_id!r} is not a UUID") from exc
 
 
-def archive_path(gzip_root: str, task_id: str, reference: str) -> str:
+def archive_path(
+    gzip_root: str, task_id: str, reference: str, fmt: ArchiveFormat = DEFAULT_FORMAT
+) -> str:
     """The archive's path as recorded in ``gzip_file_name``: ``<root>/<task_id>/<name>``.
 
     Kept in the configured form (``./data/gzip/...``) rather than resolved, as the seed shows.
     """
-    return posixpath.join(gzip_root, check_task_id(task_id), archive_file_name(reference))
+    return posixpath.join(gzip_root, check_task_id(task_id), archive_file_name(reference, fmt))
 
 
 def work_tar_path(work_root: Path, task_id: str) -> Path:
@@ -67,9 +70,13 @@ def _prefix_parts(prefix: str) -> list[str]:
     return [p for p in prefix.split("/") if p and p not in {".", ".."}]
 
 
-def object_name(prefix: str, task_id: str, reference: str) -> str:
+def object_name(
+    prefix: str, task_id: str, reference: str, fmt: ArchiveFormat = DEFAULT_FORMAT
+) -> str:
     """``dcu/<task_id>/nginx_latest.tar.gz``: one object per task, with a readable name."""
-    return "/".join([*_prefix_parts(prefix), check_task_id(task_id), archive_file_name(reference)])
+    return "/".join(
+        [*_prefix_parts(prefix), check_task_id(task_id), archive_file_name(reference, fmt)]
+    )
 
 
 def is_sha256_hex(text: str) -> bool:

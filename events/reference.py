@@ -51,6 +51,24 @@ class ImageReference:
         return self.registry or DEFAULT_REGISTRY
 
     @property
+    def repository(self) -> str:
+        """The repository as the registry API names it: ``nginx`` on Docker Hub is
+        ``library/nginx``."""
+        if self.registry_host == DEFAULT_REGISTRY and "/" not in self.path:
+            return f"library/{self.path}"
+        return self.path
+
+    @property
+    def canonical(self) -> str:
+        """The fully qualified reference: ``nginx`` is ``docker.io/library/nginx:latest``.
+        A reference by digest keeps the digest (``host/repo@sha256:...``) unless it names
+        a tag too (then the tag form: the name an image loaded from an archive gets)."""
+        name = f"{self.registry_host}/{self.repository}"
+        if self.digest and not self.tag:
+            return f"{name}@{self.digest}"
+        return f"{name}:{self.tag or DEFAULT_TAG}"
+
+    @property
     def pull_tag(self) -> str:
         """What the engine's ``fromImage``/``tag`` pair needs as the tag: digest wins."""
         return self.digest or self.tag or DEFAULT_TAG

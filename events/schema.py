@@ -66,8 +66,10 @@ from pydantic import (
     model_validator,
 )
 
+from events.formats import ArchiveFormat
 from events.limits import (
     BUCKET_MAX,
+    BUNDLE_IMAGES_MAX,
     COUNT_MAX,
     ID_MAX,
     IMAGE_ID_MAX,
@@ -391,6 +393,24 @@ class Requested(Payload):
     """The image as the caller named it."""
     platform: Platform | None = None
     """``os/arch[/variant]`` as the caller asked (normalised); absent: ``download.platform``."""
+    format: ArchiveFormat | None = None
+    """The archive format; absent: ``storage.archive_format``."""
+    images: BundleImages | None = None
+    """A bundle's images (``POST /bundle``), in order; ``docker_image_name`` is then the
+    bundle's name. Absent for a task of one image."""
+
+
+class BundleImage(WireModel):
+    """One image of a bundle, as the download stage packaged it."""
+
+    docker_image_name: ImageName
+    """The image as the caller named it."""
+    image_id: ImageId
+    manifest_digest: ManifestDigest | None = None
+    platform: Platform | None = None
+
+
+BundleImages = Annotated[list[ImageName], Field(min_length=1, max_length=BUNDLE_IMAGES_MAX)]
 
 
 class StageStarted(Payload):
@@ -443,11 +463,16 @@ class Downloaded(Payload):
     reused_object: ObjectName | None = None
     """An object already holding this exact archive (digest reuse): the later stages copy
     it instead of compressing and uploading again."""
+    images: Annotated[list[BundleImage], Field(max_length=BUNDLE_IMAGES_MAX)] | None = None
+    """A bundle's images with their IDs; ``image_id`` is then the first one's."""
+    format: ArchiveFormat | None = None
+    """The archive format to write; absent: ``docker-archive+gzip`` (events before formats)."""
 
 
 class Compressed(Payload):
     """The archive is written. ``method``: ``gzip`` (the whole tar compressed),
-    ``splice`` (layer blobs copied verbatim, only headers compressed), ``reuse``
+    ``splice`` (layer blobs copied verbatim, only headers compressed), ``tar`` (layers
+    written uncompressed), ``oci`` (registry blobs copied as they are), ``reuse``
     (nothing written: see Downloaded)."""
 
     type: ClassVar[EventType] = EventType.COMPRESSED
@@ -464,6 +489,13 @@ class Compressed(Payload):
     reused_object: ObjectName | None = None
     manifest_digest: ManifestDigest | None = None
     platform: Platform | None = None
+    format: ArchiveFormat | None = None
+    """The archive's format; absent: ``docker-archive+gzip`` (events before formats)."""
+    bundle: bool = False
+    """The archive holds a bundle; ``docker_image_name`` is the bundle's name."""
+    shared_bytes: Count | None = None
+    """A bundle's layer bytes written once instead of once per image (compressed size;
+    uncompressed for ``docker-archive``)."""
 
 
 class Uploaded(Payload):
@@ -480,6 +512,8 @@ class Uploaded(Payload):
     platform: Platform | None = None
     reused_from: ObjectName | None = None
     """The object copied server-side (digest reuse)."""
+    format: ArchiveFormat | None = None
+    """The archive's format; absent: ``docker-archive+gzip`` (events before formats)."""
 
 
 class Failed(Payload):

@@ -135,6 +135,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_nats_ctx)
     app.router.add_post(f"{API}/start", start.start_task)
+    app.router.add_post(f"{API}/bundle", start.start_bundle)
     app.router.add_get(f"{API}/status/{{task_id}}", task_status)
     app.router.add_get(f"{API}/query", query_tasks)
     app.router.add_get(f"{API}/health", health)

@@ -44,6 +44,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from events.cleanup import CleanupCompleted, CleanupKind, parse_kind
+from events.formats import DEFAULT_FORMAT, ArchiveFormat
 from events.limits import (
     CLEANUP_TIMEOUT_MAX,
     ID_MAX,
@@ -62,6 +63,8 @@ from kernel.settings import Settings
 from persistence.repository import TaskDetailRecord
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+BUNDLE_NAME_MAX = 100
+BUNDLE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 # Printable ASCII (space to ~), not starting or ending with a space: HTTP strips those.
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
 DEFAULT_PAGE_SIZE = 10
@@ -161,6 +164,51 @@ def _image_reference(raw: object, info: ValidationInfo) -> str:
         if refusal is not None:
             refuse(refusal)
     return ref.original
+
+
+def _bundle_images(raw: object, info: ValidationInfo) -> list[str]:
+    """A bundle's references: a non-empty list of valid, distinct references (the same
+    image named twice, ``nginx`` and ``docker.io/library/nginx:latest`` say, is refused),
+    at most ``server.max_bundle_images`` of them."""
+    if not isinstance(raw, list):
+        refuse("images must be a list of image references")
+    if not raw:
+        refuse("images must not be empty: a bundle holds at least one image")
+    settings = info.context
+    limit = settings.server.max_bundle_images if isinstance(settings, Settings) else None
+    if limit is not None and len(raw) > limit:
+        refuse(
+            f"images holds {len(raw)} references; at most {limit} allowed "
+            "(server.max_bundle_images)"
+        )
+    seen: dict[str, int] = {}
+    names: list[str] = []
+    for index, item in enumerate(raw):
+        try:
+            name = _image_reference(item, info)
+        except PydanticCustomError as exc:  # worded for docker_image_name: say where instead
+            reason = exc.message().removeprefix("docker_image_name").removeprefix(":").strip()
+            refuse(f"images[{index}]: {reason}")
+        canonical = parse_reference(name).canonical
+        if canonical in seen:
+            refuse(
+                f"images[{index}] ({name}) names the same image as images[{seen[canonical]}] "
+                f"({names[seen[canonical]]}); list each image once"
+            )
+        seen[canonical] = index
+        names.append(name)
+    return names
+
+
+def _bundle_name(raw: object) -> str:
+    if not isinstance(raw, str):
+        refuse("name must be a string")
+    if not re.fullmatch(BUNDLE_NAME_PATTERN, raw) or len(raw) > BUNDLE_NAME_MAX:
+        refuse(
+            f"name {raw[:_ECHO]!r} must be 1-{BUNDLE_NAME_MAX} letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit"
+        )
+    return raw
 
 
 def _platform(raw: object) -> str:
@@ -320,12 +368,41 @@ class RequestModel(BaseModel):
     """What an empty body is told was expected (bodies only)."""
 
 
-class StartRequest(RequestModel):
-    """Unknown fields are ignored."""
+PlatformChoice = Annotated[
+    _PlatformText | SkipJsonSchema[None],
+    BeforeValidator(_platform),
+    Field(
+        examples=["linux/arm64"],
+        description="The platform to take from a multi-platform image, "
+        "`os/architecture[/variant]`; normalised as containerd does (`x86_64` is `amd64`, "
+        "`aarch64` is `arm64`, `arm` is `arm/v7`). Absent: the service's `download.platform` "
+        f"(`{DEFAULT_PLATFORM}` by default).",
+    ),
+]
+FormatChoice = Annotated[
+    ArchiveFormat | SkipJsonSchema[None],
+    BeforeValidator(_one_of(ArchiveFormat)),
+    Field(
+        description="The archive format (docs/compatibility.md tells which loader reads "
+        "which): `docker-archive+gzip` (`.tar.gz`, docker load), `docker-archive` (`.tar`, "
+        "every loader), `oci-archive` (`.oci.tar`, podman, skopeo, ctr; registry blobs "
+        "verbatim). Absent: the service's `storage.archive_format` "
+        f"(`{DEFAULT_FORMAT}` by default).",
+    ),
+]
+
+
+class ArchiveRequest(RequestModel):
+    """What every start names first: who asks."""
 
     model_config = ConfigDict(json_schema_extra={"additionalProperties": True})
 
     username: Annotated[Username, Field(description=_USERNAME_RULE, examples=["test_user"])]
+
+
+class StartRequest(ArchiveRequest):
+    """Unknown fields are ignored."""
+
     docker_image_name: Annotated[
         str,
         StringConstraints(min_length=1, max_length=IMAGE_NAME_MAX),
@@ -333,34 +410,62 @@ class StartRequest(RequestModel):
         Field(examples=["nginx:latest"]),
     ]
     """An image reference in the distribution grammar (`[registry/]path[:tag][@digest]`),
-    checked before anything reaches the engine or a path; anything else is a 400."""
-    platform: Annotated[_PlatformText | SkipJsonSchema[None], BeforeValidator(_platform)] = Field(
-        default=None,
-        examples=["linux/arm64"],
-        description="The platform to take from a multi-platform image, "
-        "`os/architecture[/variant]`; normalised as containerd does (`x86_64` is `amd64`, "
-        "`aarch64` is `arm64`, `arm` is `arm/v7`). Absent: the service's `download.platform` "
-        f"(`{DEFAULT_PLATFORM}` by default).",
-    )
+    checked before anything reaches the engine or a path; anything else is a 400. A
+    reference by digest may name a tag too (`name:tag@sha256:...`): the image is pulled by
+    the digest and loads under that tag."""
+    platform: PlatformChoice = None
+    format: FormatChoice = None
+
+
+class BundleRequest(ArchiveRequest):
+    """Unknown fields are ignored."""
+
+    name: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=BUNDLE_NAME_MAX, pattern=BUNDLE_NAME_PATTERN),
+        BeforeValidator(_bundle_name),
+        Field(examples=["release-1.4"]),
+    ] = "bundle"
+    """The bundle's name: the task's `docker_image_name` and the archive's file name
+    (`release-1.4.tar.gz`). Letters, digits, `.`, `_`, `-`; it starts with a letter or
+    digit."""
+    images: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=IMAGE_NAME_MAX)]],
+        Field(min_length=1, examples=[["nginx:1.27", "redis:7"]]),
+        BeforeValidator(_bundle_images),
+    ]
+    """The images, each a reference as in `POST /start`, each image once; at most
+    `server.max_bundle_images` of them. The archive holds them all with their tags and
+    every layer once."""
+    platform: PlatformChoice = None
+    format: FormatChoice = None
 
 
 _OptionalUsername = Annotated[Username | SkipJsonSchema[None], BeforeValidator(_username)]
-TokenStartRequest = create_model(
-    "StartRequest",
-    __base__=StartRequest,
-    __doc__=StartRequest.__doc__,
-    username=(
-        _OptionalUsername,
-        Field(
-            default=None,
-            examples=["test_user"],
-            description=f"{_USERNAME_RULE} Optional and ignored: the task's username is the "
-            "token's name (still checked when given).",
+A = TypeVar("A", bound=ArchiveRequest)
+
+
+def _with_token(model: type[A]) -> type[A]:
+    """``model`` for a request authenticated by a token: ``username`` may be left out (the
+    token names the user; the handler takes it from there, whatever the body says)."""
+    return create_model(
+        model.__name__,
+        __base__=model,
+        __doc__=model.__doc__,
+        username=(
+            _OptionalUsername,
+            Field(
+                default=None,
+                examples=["test_user"],
+                description=f"{_USERNAME_RULE} Optional and ignored: the task's username is "
+                "the token's name (still checked when given).",
+            ),
         ),
-    ),
-)
-"""``StartRequest`` of a request authenticated by a token: ``username`` may be left out
-(the token names the user; the handler takes it from there, whatever the body says)."""
+    )
+
+
+TokenStartRequest = _with_token(StartRequest)
+TokenBundleRequest = _with_token(BundleRequest)
 
 
 class StartHeaders(RequestModel):
@@ -531,6 +636,15 @@ class Task(ResponseModel):
         )
 
 
+class BundleImageAnswer(ResponseModel):
+    """One image of a bundle."""
+
+    docker_image_name: str
+    image_id: str | None = None
+    manifest_digest: str | None = None
+    platform: str | None = None
+
+
 class TaskDetail(Task):
     """One task with its details (``/status``, once the task has any): the stage's live
     figures and what the stages found."""
@@ -555,6 +669,15 @@ class TaskDetail(Task):
     """From the registry."""
     download_bytes_cached: NonNegative | None
     """From the blob cache."""
+    format: ArchiveFormat | None
+    """The archive format: the one requested, or the service's default once a stage
+    names it; null for a task started before formats existed (`docker-archive+gzip`)."""
+    images: list[BundleImageAnswer] | None
+    """A bundle's images in order (`POST /bundle`): the references until the download
+    stage names their IDs; null for a task of one image."""
+    shared_bytes: NonNegative | None
+    """A bundle's layer bytes stored once for several images (compressed size; the
+    uncompressed size in a `docker-archive`): what the bundle saves over single archives."""
 
     @classmethod
     def with_detail(cls, task: TaskLike, now: datetime, detail: TaskDetailRecord) -> Self:
@@ -579,6 +702,11 @@ class TaskDetail(Task):
             reused=detail.reused,
             download_bytes_fetched=detail.fetched_bytes,
             download_bytes_cached=detail.cached_bytes,
+            format=None if detail.archive_format is None else ArchiveFormat(detail.archive_format),
+            images=None
+            if detail.images is None
+            else [BundleImageAnswer.model_validate(image) for image in detail.images],
+            shared_bytes=detail.shared_bytes,
         )
 
 

@@ -99,6 +99,15 @@ _SSE_DESCRIPTION = (
 def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
     """Path (below ``API``) -> method -> operation, for every route of the gateway."""
     start_body = models.TokenStartRequest if settings.auth.enabled else models.StartRequest
+    bundle_body = models.TokenBundleRequest if settings.auth.enabled else models.BundleRequest
+    start_errors = (
+        "BadRequest",
+        "Unauthorized",
+        "Conflict",
+        "PayloadTooLarge",
+        "TooManyRequests",
+        "Unavailable",
+    )
     return {
         "/start": {
             "post": Operation(
@@ -117,14 +126,27 @@ def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
                         models.StartResult,
                     )
                 },
-                errors=(
-                    "BadRequest",
-                    "Unauthorized",
-                    "Conflict",
-                    "PayloadTooLarge",
-                    "TooManyRequests",
-                    "Unavailable",
-                ),
+                errors=start_errors,
+            )
+        },
+        "/bundle": {
+            "post": Operation(
+                "startBundle",
+                "tasks",
+                "Request a bundle: one archive of several images, each layer stored once.",
+                description="A task like `POST /start`'s (same answer, status, events and "
+                "`Idempotency-Key`), whose `docker_image_name` is the bundle's `name`. The "
+                "archive holds every image with its tag; `/status` lists the images and the "
+                "bytes saved by sharing layers (`shared_bytes`). Needs the registry engine.",
+                headers=models.StartHeaders,
+                body=bundle_body,
+                replies={
+                    200: Reply(
+                        f"The bundle was requested (message `{envelope.STARTED}`).",
+                        models.StartResult,
+                    )
+                },
+                errors=start_errors,
             )
         },
         "/status/{task_id}": {

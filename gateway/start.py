@@ -27,13 +27,14 @@ from datetime import datetime
 
 from aiohttp import web
 
+from events.formats import DEFAULT_FORMAT, ArchiveFormat
 from events.schema import DecodeError, Event, EventType, Requested, once_per_task_id
 from events.states import TaskState
 from gateway import auth, envelope, models
 from gateway.http import parse_body, parse_headers, respond
 from gateway.keys import BUS, REPOSITORY, SETTINGS
 from gateway.models import IDEMPOTENCY_HEADER
-from kernel.errors import BusError, Conflict, NotFound, TooManyRequests
+from kernel.errors import BusError, Conflict, InvalidInput, NotFound, TooManyRequests
 from persistence.repository import TaskDetailRecord, TaskRecord, TaskRepository
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,18 @@ class StreamTask:
 
 def stream_detail(event: Event) -> TaskDetailRecord | None:
     """The details the subscriber records when it creates the task from ``event``."""
-    assert isinstance(event.payload, Requested)
-    if event.payload.platform is None:
+    payload = event.payload
+    assert isinstance(payload, Requested)
+    if payload.platform is None and payload.format is None and payload.images is None:
         return None
-    return TaskDetailRecord(task_id=event.task_id, platform=event.payload.platform)
+    return TaskDetailRecord(
+        task_id=event.task_id,
+        platform=payload.platform,
+        archive_format=None if payload.format is None else payload.format.value,
+        images=None
+        if payload.images is None
+        else [{"docker_image_name": name} for name in payload.images],
+    )
 
 
 async def stored_request(app: web.Application, task_id: str) -> Event | None:
@@ -161,7 +170,21 @@ async def _row(repository: TaskRepository, task_id: str) -> TaskRecord | None:
 
 
 def _describe(payload: Requested) -> str:
-    return f"{payload.docker_image_name} for {payload.platform or 'the default platform'}"
+    what = payload.docker_image_name
+    if payload.images is not None:
+        what = f"bundle {what} of {', '.join(payload.images)}"
+    # named only when it is not the seed's (so the seed's messages stay as they were)
+    fmt = f" as {payload.format}" if payload.format not in (None, DEFAULT_FORMAT) else ""
+    return f"{what} for {payload.platform or 'the default platform'}{fmt}"
+
+
+def _same(first: Requested, again: Requested) -> bool:
+    return (first.docker_image_name, first.platform, first.format, first.images) == (
+        again.docker_image_name,
+        again.platform,
+        again.format,
+        again.images,
+    )
 
 
 async def _existing_state(app: web.Application, event: Event, key: str) -> TaskState | None:
@@ -180,10 +203,7 @@ async def _existing_state(app: web.Application, event: Event, key: str) -> TaskS
         return None
     if stored is not None:
         assert isinstance(stored.payload, Requested)
-        same = (stored.payload.docker_image_name, stored.payload.platform) == (
-            wanted.docker_image_name,
-            wanted.platform,
-        )
+        same = _same(stored.payload, wanted)
         first = _describe(stored.payload)
     else:
         assert row is not None
@@ -275,31 +295,67 @@ async def _start(app: web.Application, event: Event, key: str | None) -> TaskSta
 
 
 async def start_task(request: web.Request) -> web.Response:
-    """Validate the request and publish ``requested``; the answer comes once JetStream
-    has stored it.
+    """``POST /start``: validate the request and publish ``requested``; the answer comes
+    once JetStream has stored it.
 
     With a token the task's username is the token's name (a ``username`` in the body is
     still validated, then ignored). An optional ``platform`` (``linux/arm64``) goes into the
     event normalised; absent, the download stage uses ``download.platform``. With an
     ``Idempotency-Key`` the task id follows from the username and the key, and a repeated
     start answers the task's current state without publishing again. Raises InvalidInput
-    for a bad body, key, reference or platform, or a registry outside
+    for a bad body, key, reference, platform or format, or a registry outside
     ``docker.allowed_registries``, Conflict for a key used for another request,
     TooManyRequests when the user is at ``server.max_active_tasks_per_user``, BusError
     when NATS does not take the event.
     """
+    authenticated = request.get(auth.USER)
+    model = models.StartRequest if authenticated is None else models.TokenStartRequest
+    body = await parse_body(request, model, request.app[SETTINGS])
+    return await _accept(request, body.username, body.docker_image_name, None, body.platform,
+                         body.format)  # fmt: skip
+
+
+async def start_bundle(request: web.Request) -> web.Response:
+    """``POST /bundle``: as ``POST /start``, for one archive of several images (``images``,
+    named ``name``). Raises InvalidInput also for an empty list, more images than
+    ``server.max_bundle_images``, an image named twice or an invalid reference (naming its
+    position)."""
+    authenticated = request.get(auth.USER)
+    model = models.BundleRequest if authenticated is None else models.TokenBundleRequest
+    body = await parse_body(request, model, request.app[SETTINGS])
+    return await _accept(request, body.username, body.name, body.images, body.platform,
+                         body.format)  # fmt: skip
+
+
+async def _accept(
+    request: web.Request,
+    username: str,
+    subject: str,
+    images: list[str] | None,
+    platform: str | None,
+    wanted: ArchiveFormat | None,
+) -> web.Response:
+    """Publish the ``requested`` event of a validated start or bundle and answer."""
     key = parse_headers(request, models.StartHeaders).idempotency_key
     authenticated = request.get(auth.USER)
     settings = request.app[SETTINGS]
-    model = models.StartRequest if authenticated is None else models.TokenStartRequest
-    body = await parse_body(request, model, settings)
+    fmt = wanted or settings.storage.archive_format
+    if settings.download.engine == "docker" and (images is not None or fmt is ArchiveFormat.OCI):
+        raise InvalidInput(
+            f"{'a bundle' if images is not None else f'format {fmt}'} needs "
+            "download.engine registry; this service runs the docker engine"
+        )
     # the token's name wins; the body's was only checked
-    username = body.username if authenticated is None else authenticated
+    username = username if authenticated is None else authenticated
     task_id = str(uuid.uuid4()) if key is None else task_id_for_key(username, key)
     event = requested_event(
         task_id,
         Requested(
-            username=username, docker_image_name=body.docker_image_name, platform=body.platform
+            username=username,
+            docker_image_name=subject,
+            platform=platform,
+            format=fmt,
+            images=images,
         ),
     )
     if settings.server.max_active_tasks_per_user:

@@ -33,7 +33,8 @@ from pydantic_settings import (
 )
 
 from events.cleanup import check_cron
-from events.limits import USERNAME_MAX  # a token's name is the task's username
+from events.formats import DEFAULT_FORMAT, ArchiveFormat
+from events.limits import BUNDLE_IMAGES_MAX, USERNAME_MAX
 from events.platform import DEFAULT_PLATFORM, InvalidPlatform, parse_platform
 from kernel.docker_config import DockerConfigError, RegistryCredentials, read_docker_config
 from kernel.errors import ConfigError
@@ -53,6 +54,8 @@ class ServerSettings(BaseModel):
     allow_unauthenticated: bool = False
     # Tasks one user may have idle or running at once; POST /start answers 429 past it.
     max_active_tasks_per_user: int = Field(default=0, ge=0)  # 0: no limit
+    # Images one ``POST /bundle`` may name.
+    max_bundle_images: int = Field(default=20, ge=1, le=BUNDLE_IMAGES_MAX)
 
 
 TOKEN_MIN_LENGTH = 16
@@ -130,6 +133,8 @@ class StorageSettings(BaseModel):
     # isal levels 0-3; 1 is gzip -1's ratio at several times its speed.
     compress_level: int = Field(default=1, ge=0, le=3)
     compress_threads: int = Field(default=2, ge=1)
+    # A task's archive format when its request names none (``events.formats``).
+    archive_format: ArchiveFormat = DEFAULT_FORMAT
 
     @field_validator("cleanup_gzip_cron", "cleanup_minio_cron")
     @classmethod

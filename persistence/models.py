@@ -92,6 +92,12 @@ class TaskDetail(Model):
     reused = fields.BooleanField(null=True)
     fetched_bytes = fields.BigIntField(null=True)
     cached_bytes = fields.BigIntField(null=True)
+    # Formats and bundles (0004): the archive format, a bundle's images (a list of
+    # ``events.schema.BundleImage`` objects; references only until the download stage
+    # names their IDs), and the layer bytes the bundle stored once for several images.
+    archive_format = fields.CharField(max_length=limits.FORMAT_MAX, null=True)
+    images: fields.JSONField[list[dict[str, object]] | None] = fields.JSONField(null=True)
+    shared_bytes = fields.BigIntField(null=True)
 
     class Meta:
         table = "dcu_task_details"

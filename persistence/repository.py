@@ -179,6 +179,9 @@ class TaskDetailRecord:
     reused: bool | None = None
     fetched_bytes: int | None = None
     cached_bytes: int | None = None
+    archive_format: str | None = None
+    images: list[dict[str, Any]] | None = None  # a bundle's, as ``BundleImage.to_dict``
+    shared_bytes: int | None = None
 
 
 def utc(moment: datetime) -> datetime:
@@ -316,6 +319,9 @@ def _detail_record(row: TaskDetail) -> TaskDetailRecord:
         reused=None if row.reused is None else bool(row.reused),
         fetched_bytes=row.fetched_bytes,
         cached_bytes=row.cached_bytes,
+        archive_format=row.archive_format,
+        images=row.images,
+        shared_bytes=row.shared_bytes,
     )
 
 
@@ -338,6 +344,23 @@ def _image_facts(platform: str | None, manifest_digest: str | None = None) -> di
     return facts
 
 
+def _bundle_facts(event: Event) -> dict[str, Any]:
+    """The archive format and a bundle's images an event names (left out when it names
+    none, so what was recorded earlier stays)."""
+    payload = event.payload
+    facts: dict[str, Any] = {}
+    fmt = getattr(payload, "format", None)
+    if fmt is not None:
+        facts["archive_format"] = fmt.value
+    if isinstance(payload, Requested) and payload.images is not None:
+        facts["images"] = [{"docker_image_name": _text(name)} for name in payload.images]
+    elif isinstance(payload, Downloaded) and payload.images is not None:
+        facts["images"] = [image.to_dict() for image in payload.images]
+    elif isinstance(payload, Compressed) and payload.shared_bytes is not None:
+        facts["shared_bytes"] = payload.shared_bytes
+    return facts
+
+
 def _effects(event: Event, start_time: datetime) -> _Effects:
     """The field effects of ``event`` (its values fit their columns: the event schema
     validated them).
@@ -346,7 +369,7 @@ def _effects(event: Event, start_time: datetime) -> _Effects:
     """
     payload = event.payload
     task: dict[str, Any] = {}
-    detail: dict[str, Any] = {}
+    detail: dict[str, Any] = _bundle_facts(event)
     if isinstance(payload, Downloaded):
         detail["image_id"] = _text(payload.image_id)
         detail["tar_bytes"] = payload.bytes
@@ -497,7 +520,7 @@ class TaskRepository:
         assert isinstance(payload, Requested)
         username = _text(payload.username)
         image = _text(payload.docker_image_name)
-        facts = _image_facts(payload.platform)
+        facts = {**_image_facts(payload.platform), **_bundle_facts(event)}
         moment = utc(event.time)
         row = await DcuTask.create(
             using_db=connection,

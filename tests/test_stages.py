@@ -27,6 +27,7 @@ from actors.pipeline import Runtime
 from actors.registry_engine import RegistryEngine
 from bus import Bus
 from events import naming, subjects
+from events.formats import ArchiveFormat
 from events.reference import parse_reference
 from events.schema import (
     Compressed,
@@ -142,7 +143,7 @@ def _downloaded(ctx: stages.StageContext, task_id: str) -> Event:
 
 
 def _archive(ctx: stages.StageContext, task_id: str) -> Path:
-    return Path(ctx.archive(task_id, parse_reference(IMAGE)))
+    return Path(ctx.archive(task_id, IMAGE, ArchiveFormat.DOCKER_GZIP))
 
 
 def _object_name(settings: Settings, task_id: str) -> str:

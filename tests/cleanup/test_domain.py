@@ -29,6 +29,7 @@ from events.cleanup import (
     select_expired,
     tick_msg_id,
 )
+from events.formats import ArchiveFormat
 from events.schema import DecodeError
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -140,9 +141,13 @@ class TestNames:
         assert not is_task_id("notes")
         assert not is_task_id("")
 
+    @pytest.mark.parametrize("fmt", list(ArchiveFormat))
     @pytest.mark.parametrize("prefix", ["dcu/", "dcu", "/dcu//", "a/b/", "", "./"])
-    def test_object_prefix_matches_how_objects_are_named(self, prefix: str) -> None:
-        name = naming.object_name(prefix, TASK, "nginx:latest")
+    def test_object_prefix_matches_how_objects_are_named(
+        self, prefix: str, fmt: ArchiveFormat
+    ) -> None:
+        name = naming.object_name(prefix, TASK, "nginx:latest", fmt)
+        assert name.endswith(f"/nginx_latest{fmt.suffix}")
         assert name.startswith(object_prefix(prefix))
         assert is_dcu_object(name, prefix)
 
@@ -153,7 +158,8 @@ class TestNames:
     @pytest.mark.parametrize(
         "name",
         [
-            f"dcu/{TASK}/x.tar",
+            f"dcu/{TASK}/x.zip",
+            f"dcu/{TASK}/x.tar.zst",
             f"dcu/{TASK}/.x.tar.gz",
             f"dcu/{TASK}/sub/x.tar.gz",
             f"dcu/{TASK.upper()}/x.tar.gz",

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from actors import reuse
 from actors.object_store import S3ObjectStore
 from events import naming
+from events.formats import ArchiveFormat
 from events.reference import parse_reference
 from kernel.settings import MinioSettings
 from tests.e2e.conftest import service_config
@@ -147,7 +148,11 @@ def test_objects_cleanup_removes_an_expired_object(
     stored = stat_object(s3_server, bucket, name)
     assert stored is not None
     # and the reuse pointer its upload left
-    key = reuse.key_for(task["manifest_digest"], parse_reference(task["docker_image_name"]))
+    key = reuse.key_for(
+        task["manifest_digest"],
+        parse_reference(task["docker_image_name"]),
+        ArchiveFormat(task["format"]),
+    )
     pointer_name = naming.reuse_pointer_name(MinioSettings().prefix, key)
     pointer = stat_object(s3_server, bucket, pointer_name)
     assert pointer is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from actors.archive import ArchiveLayer, inspect_layer, write_archive
+from actors.archive import ArchiveImage, ArchiveLayer, inspect_layer, write_archive
 from tests.servers.docker_engine import DockerEngine
 
 pytestmark = pytest.mark.e2e
@@ -93,7 +93,7 @@ def test_docker_loads_spliced_zstd_and_plain_layers(
     archive = tmp_path / "image.tar.gz"
 
     # When
-    result = write_archive(archive, config=config, layers=layers, repo_tags=[tag])
+    result = write_archive(archive, [ArchiveImage(config, layers, [tag])])
 
     # Then gzip itself and docker load accept it, with the config's ID and the tag
     assert result.spliced_bytes == layers[0].blob.stat().st_size
@@ -127,7 +127,7 @@ def test_docker_loads_untagged_image_with_repeated_layer_and_padded_gzip(
     archive = tmp_path / "image.tar.gz"
 
     # When
-    write_archive(archive, config=config, layers=layers, repo_tags=[])
+    write_archive(archive, [ArchiveImage(config, layers, [])])
 
     # Then
     try:

@@ -38,8 +38,10 @@ def engine_service(
         service.stop()
 
 
-def _run(service: DcuProcess, reference: str) -> dict:
-    status, body = service.post("/start", {"username": "u", "docker_image_name": reference})
+def _run(service: DcuProcess, reference: str, **extra: str) -> dict:
+    status, body = service.post(
+        "/start", {"username": "u", "docker_image_name": reference, **extra}
+    )
     assert status == 200, body
     return service.wait_terminal(body["data"]["task_id"], timeout=120)
 
@@ -57,6 +59,25 @@ def test_the_engine_path_round_trips(
     assert events["downloaded"]["layout"] == "tar"
     assert events["compressed"]["method"] == "gzip"
     archive = tmp_path / "archive.tar.gz"
+    bucket = engine_service.config["minio"]["bucket"]
+    fetch_object(s3_server, bucket, data["minio_object_name"], archive)
+    assert load_and_get_id(docker_engine, archive, [image.image_id]) == image.image_id
+
+
+def test_the_engine_path_writes_a_plain_docker_archive(
+    engine_service, pushed_images, docker_engine, s3_server, tmp_path: Path
+) -> None:
+    image = pushed_images["small"]
+    data = _run(engine_service, image.reference, format="docker-archive")
+    assert data["state"] == "completed", data
+    assert data["format"] == "docker-archive"
+    assert data["minio_object_name"].endswith(".tar")
+    _, body = engine_service.get(f"/events/{data['task_id']}?include_progress=false")
+    compressed = {e["type"]: e["payload"] for e in body["data"]["events"]}["compressed"]
+    # the engine's tar as it is: as many bytes out as in
+    assert compressed["method"] == "tar"
+    assert compressed["bytes_out"] == compressed["bytes_in"] == data["archive_bytes"]
+    archive = tmp_path / "archive.tar"
     bucket = engine_service.config["minio"]["bucket"]
     fetch_object(s3_server, bucket, data["minio_object_name"], archive)
     assert load_and_get_id(docker_engine, archive, [image.image_id]) == image.image_id

@@ -27,7 +27,12 @@ from persistence.repository import ApplyOutcome, TaskRepository
 from tests.persistence.conftest import Timeline, table_rows
 from tests.servers.postgres import dsn_for
 
-ALL_MIGRATIONS = ["0001_initial", "0002_registry_engine", "0003_refused_events"]
+ALL_MIGRATIONS = [
+    "0001_initial",
+    "0002_registry_engine",
+    "0003_refused_events",
+    "0004_archive_formats",
+]
 ROOT = Path(__file__).resolve().parents[2]
 
 

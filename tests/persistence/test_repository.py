@@ -140,6 +140,9 @@ async def test_every_task_detail_but_its_key_is_optional(database: Database) -> 
                 "reused",
                 "fetched_bytes",
                 "cached_bytes",
+                "archive_format",
+                "images",
+                "shared_bytes",
             ]
         },
     }

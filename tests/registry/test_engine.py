@@ -13,9 +13,9 @@ from actors.registry_client import RegistryRefused
 from actors.registry_engine import (
     RegistryEngine,
     repo_tags,
-    repository_path,
     reuse_key,
 )
+from events.formats import ArchiveFormat
 from events.platform import parse_platform
 from events.reference import parse_reference
 from kernel.settings import load_settings
@@ -24,28 +24,34 @@ from tests.servers.oci import layer_tar, push_image
 
 
 @pytest.mark.parametrize(
-    ("text", "path", "tags"),
+    ("text", "path", "canonical"),
     [
-        ("nginx", "library/nginx", ("nginx:latest",)),
-        ("nginx:1.25", "library/nginx", ("nginx:1.25",)),
-        ("docker.io/library/nginx:1", "library/nginx", ("nginx:1",)),
-        ("docker.io/me/app:2", "me/app", ("me/app:2",)),
-        ("me/app", "me/app", ("me/app:latest",)),
-        ("127.0.0.1:5000/team/app:v1", "team/app", ("127.0.0.1:5000/team/app:v1",)),
-        ("ghcr.io/o/i@sha256:" + "a" * 64, "o/i", ()),
+        ("nginx", "library/nginx", "docker.io/library/nginx:latest"),
+        ("nginx:1.25", "library/nginx", "docker.io/library/nginx:1.25"),
+        ("docker.io/library/nginx:1", "library/nginx", "docker.io/library/nginx:1"),
+        ("docker.io/me/app:2", "me/app", "docker.io/me/app:2"),
+        ("me/app", "me/app", "docker.io/me/app:latest"),
+        ("127.0.0.1:5000/team/app:v1", "team/app", "127.0.0.1:5000/team/app:v1"),
+        ("ghcr.io/o/i@sha256:" + "a" * 64, "o/i", "ghcr.io/o/i@sha256:" + "a" * 64),
+        # a digest reference that names a tag keeps the tag in every format
+        ("ghcr.io/o/i:v2@sha256:" + "a" * 64, "o/i", "ghcr.io/o/i:v2"),
     ],
 )
-def test_names_as_the_engine_writes_them(text: str, path: str, tags: tuple[str, ...]) -> None:
+def test_names_as_the_engine_writes_them(text: str, path: str, canonical: str) -> None:
     ref = parse_reference(text)
-    assert repository_path(ref) == path
-    assert repo_tags(ref) == tags
+    assert ref.repository == path
+    assert ref.canonical == canonical
+    # a docker archive's RepoTags are the qualified name; none for a bare digest
+    assert repo_tags(ref) == (() if "@" in canonical else (canonical,))
 
 
-def test_reuse_key_changes_with_the_manifest_and_the_tags() -> None:
+def test_reuse_key_changes_with_the_manifest_the_tags_and_the_format() -> None:
     base = reuse_key("sha256:" + "1" * 64, ["a:1"])
-    assert base == reuse_key("sha256:" + "1" * 64, ["a:1"])
+    assert base == reuse_key("sha256:" + "1" * 64, ["a:1"], ArchiveFormat.DOCKER_GZIP)
     assert base != reuse_key("sha256:" + "2" * 64, ["a:1"])
     assert base != reuse_key("sha256:" + "1" * 64, ["a:2"])
+    assert base != reuse_key("sha256:" + "1" * 64, ["a:1"], ArchiveFormat.DOCKER)
+    assert base != reuse_key("sha256:" + "1" * 64, ["a:1"], ArchiveFormat.OCI)
     assert len(base) == 64
 
 
@@ -96,11 +102,11 @@ async def test_a_failing_mirror_falls_through_to_the_registry(registry, tmp_path
         # When it is resolved and downloaded
         ref = parse_reference(image.reference)
         resolved = await engine.resolve(ref, parse_platform("linux/amd64"), explicit=False)
-        got = await engine.download(ref, resolved, tmp_path / "task")
+        got = await engine.download([(ref, resolved)], tmp_path / "task")
     finally:
         await engine.close()
     # Then the registry itself served it, verified
     assert resolved.endpoint.host == registry.address
-    assert got.plan.image_id == image.image_id
-    assert got.plan.manifest_digest == image.manifest_digest
-    assert [layer.diff_id for layer in got.plan.layers] == list(image.diff_ids)
+    assert got.plan.images[0].image_id == image.image_id
+    assert got.plan.images[0].manifest_digest == image.manifest_digest
+    assert [layer.diff_id for layer in got.plan.images[0].layers] == list(image.diff_ids)

@@ -20,6 +20,7 @@ from actors.archive import (
     LAYER_TYPES,
     TAR_LAYER_TYPES,
     ZSTD_LAYER_TYPES,
+    ArchiveImage,
     ArchiveLayer,
     ArchiveResult,
     LayerFormatError,
@@ -286,9 +287,13 @@ def test_archive_is_a_docker_save_tar_with_spliced_gzip_layers(
     # When
     result = write_archive(
         dest,
-        config=config,
-        layers=layers,
-        repo_tags=["localhost:5000/ns/app:v1", "localhost:5000/ns/app:latest", "other:2"],
+        [
+            ArchiveImage(
+                config,
+                layers,
+                ["localhost:5000/ns/app:v1", "localhost:5000/ns/app:latest", "other:2"],
+            )
+        ],
         progress=lambda done, total: progress.append((done, total)),
     )
 
@@ -351,16 +356,16 @@ def test_archive_is_a_docker_save_tar_with_spliced_gzip_layers(
 
 def test_archive_is_reproducible(tmp_path: Path, image: Image) -> None:
     config, layers = image.config, image.layers
-    first = write_archive(tmp_path / "a.tar.gz", config=config, layers=layers, repo_tags=["a:1"])
-    second = write_archive(tmp_path / "b.tar.gz", config=config, layers=layers, repo_tags=["a:1"])
+    first = write_archive(tmp_path / "a.tar.gz", [ArchiveImage(config, layers, ["a:1"])])
+    second = write_archive(tmp_path / "b.tar.gz", [ArchiveImage(config, layers, ["a:1"])])
     assert first.sha256 == second.sha256
 
 
 def test_identical_chains_give_identical_layer_directories(tmp_path: Path, image: Image) -> None:
     config, layers = image.config, image.layers
     base_config = config_for(layers[0].info.diff_id, layers[1].info.diff_id)
-    write_archive(tmp_path / "a.tar.gz", config=config, layers=layers, repo_tags=[])
-    write_archive(tmp_path / "b.tar.gz", config=base_config, layers=layers[:2], repo_tags=[])
+    write_archive(tmp_path / "a.tar.gz", [ArchiveImage(config, layers, [])])
+    write_archive(tmp_path / "b.tar.gz", [ArchiveImage(base_config, layers[:2], [])])
 
     def layer_paths(path: Path) -> list[str]:
         with tarfile.open(path, "r:gz") as tar:
@@ -375,7 +380,7 @@ def test_untagged_archive_has_null_repo_tags_and_no_repositories(
 ) -> None:
     config, layers = image.config, image.layers
     dest = tmp_path / "image.tar.gz"
-    write_archive(dest, config=config, layers=layers, repo_tags=[], level=0, threads=1)
+    write_archive(dest, [ArchiveImage(config, layers, [])], level=0, threads=1)
     with tarfile.open(dest, "r:gz") as tar:
         manifest = load_json(tar, "manifest.json")
         assert "repositories" not in tar.getnames()
@@ -386,7 +391,7 @@ def test_untagged_archive_has_null_repo_tags_and_no_repositories(
 def test_repo_tag_without_a_tag_is_refused(tmp_path: Path, image: Image, tag: str) -> None:
     config, layers = image.config, image.layers
     with pytest.raises(InvalidInput):
-        write_archive(tmp_path / "x.tar.gz", config=config, layers=layers, repo_tags=[tag])
+        write_archive(tmp_path / "x.tar.gz", [ArchiveImage(config, layers, [tag])])
     assert list(tmp_path.glob("x.tar.gz*")) == []
 
 
@@ -397,7 +402,7 @@ def test_missing_blob_fails_without_leaving_files(tmp_path: Path, image: Image) 
     dest = tmp_path / "image.tar.gz"
     # When / Then
     with pytest.raises(StorageError):
-        write_archive(dest, config=config, layers=layers, repo_tags=["a:1"])
+        write_archive(dest, [ArchiveImage(config, layers, ["a:1"])])
     assert not dest.exists()
     assert no_part_files(tmp_path)
 
@@ -410,7 +415,7 @@ def test_blob_changed_since_inspection_fails_without_leaving_files(
     plain.blob.write_bytes(plain.blob.read_bytes() + bytes(512))
     dest = tmp_path / "image.tar.gz"
     with pytest.raises(LayerFormatError, match="changed since"):
-        write_archive(dest, config=config, layers=layers, repo_tags=[])
+        write_archive(dest, [ArchiveImage(config, layers, [])])
     assert not dest.exists()
     assert no_part_files(tmp_path)
 
@@ -423,7 +428,7 @@ def test_corrupt_blob_while_recompressing_fails_without_leaving_files(
     padded.blob.write_bytes(corrupt_middle(padded.blob.read_bytes()))
     dest = tmp_path / "image.tar.gz"
     with pytest.raises(LayerFormatError):
-        write_archive(dest, config=config, layers=layers, repo_tags=[])
+        write_archive(dest, [ArchiveImage(config, layers, [])])
     assert no_part_files(tmp_path)
 
 
@@ -437,7 +442,7 @@ def test_disk_full_is_a_storage_error(
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(StorageError, match="disk full"):
-        write_archive(tmp_path / "image.tar.gz", config=config, layers=layers, repo_tags=[])
+        write_archive(tmp_path / "image.tar.gz", [ArchiveImage(config, layers, [])])
     assert no_part_files(tmp_path)
 
 
@@ -454,28 +459,26 @@ def test_config_that_does_not_match_the_layers_is_refused(
 ) -> None:
     layers = image.layers
     with pytest.raises(LayerFormatError):
-        write_archive(tmp_path / "x.tar.gz", config=config, layers=layers, repo_tags=[])
+        write_archive(tmp_path / "x.tar.gz", [ArchiveImage(config, layers, [])])
     assert list(tmp_path.glob("x.tar.gz*")) == []
 
 
 def test_layer_missing_from_config_is_refused(tmp_path: Path, image: Image) -> None:
     layers, diff_ids = image.layers, image.diff_ids
     with pytest.raises(LayerFormatError, match="not in the image config"):
-        write_archive(
-            tmp_path / "x.tar.gz", config=config_for(*diff_ids[:2]), layers=layers, repo_tags=[]
-        )
+        write_archive(tmp_path / "x.tar.gz", [ArchiveImage(config_for(*diff_ids[:2]), layers, [])])
 
 
 def test_level_outside_isal_range_is_refused(tmp_path: Path, image: Image) -> None:
     config, layers = image.config, image.layers
     with pytest.raises(ValueError, match="0-3"):
-        write_archive(tmp_path / "x.tar.gz", config=config, layers=layers, repo_tags=[], level=6)
+        write_archive(tmp_path / "x.tar.gz", [ArchiveImage(config, layers, [])], level=6)
 
 
 def test_image_without_layers(tmp_path: Path) -> None:
     config = config_for()
     dest = tmp_path / "empty.tar.gz"
-    result = write_archive(dest, config=config, layers=[], repo_tags=["empty:1"])
+    result = write_archive(dest, [ArchiveImage(config, [], ["empty:1"])])
     with tarfile.open(dest, "r:gz") as tar:
         manifest = load_json(tar, "manifest.json")
     assert manifest == [
