@@ -34,6 +34,7 @@ class ProgressReporter:
         self._sent: tuple[int, int | None] | None = None
         self._started = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def update(self, done: int, total: int | None) -> None:
         self._latest = (done, total)  # a tuple swap is atomic under the GIL
@@ -59,9 +60,15 @@ class ProgressReporter:
             log.warning("progress event for %s not sent: %s", self._stage, exc)
 
     async def _run(self) -> None:
-        while True:
+        # ``_closing`` ends the loop even when the cancellation does not arrive: Python
+        # 3.11's ``asyncio.wait_for`` (under nats-py's publish) returns the result and
+        # drops a cancellation that lands as its future completes, and this loop would
+        # then run on, and ``__aexit__`` wait for it, forever. Seen once under load: a
+        # compress stage that never ended.
+        while not self._closing:
             await asyncio.sleep(self._interval)
-            await self._flush()
+            if not self._closing:
+                await self._flush()
 
     async def __aenter__(self) -> ProgressReporter:
         self._task = asyncio.create_task(self._run())
@@ -74,6 +81,7 @@ class ProgressReporter:
         tb: TracebackType | None,
     ) -> None:
         if self._task is not None:
+            self._closing = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
