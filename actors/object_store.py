@@ -118,6 +118,11 @@ class ObjectStore(Protocol):
 
     async def fetch(self, name: str, dest: Path) -> None: ...
 
+    async def locate(self, name: str, expires: timedelta) -> str | Path:
+        """Where a client reads ``name`` itself: a URL presigned for ``expires`` (S3), or
+        the local file (the directory store). Raises StorageError."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -665,6 +670,15 @@ class S3ObjectStore:
         except _TRANSPORT_ERRORS as exc:
             raise self._error(f"download of {name}", exc) from exc
 
+    async def locate(self, name: str, expires: timedelta) -> str | Path:
+        try:
+            url: str = await self.client.presigned_get_object(
+                self._settings.bucket, name, expires=expires
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(f"presigning {name}", exc) from exc
+        return url
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close_session()  # type: ignore[no-untyped-call]
@@ -878,6 +892,9 @@ class LocalObjectStore:
 
     async def fetch(self, name: str, dest: Path) -> None:
         await asyncio.to_thread(shutil.copyfile, self._path(name), dest)
+
+    async def locate(self, name: str, expires: timedelta) -> str | Path:
+        return self._path(name)
 
     async def close(self) -> None:
         return None

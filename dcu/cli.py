@@ -6,6 +6,7 @@ dcu gateway   the HTTP gateway only
 dcu worker    workers for some roles: dcu worker download compress upload cleanup
 dcu persist   the persistence subscriber only
 dcu timer     the cleanup timer only (publishes cleanup requests on the cron ticks)
+dcu fetch     a completed task's archive from a gateway, sha256 checked (dcu.fetch)
 
 Exit code 2 is a configuration the command refuses before starting anything: invalid
 settings (``kernel.errors.ConfigError``: a bad key, an unreadable config file or
@@ -23,6 +24,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dcu import fetch
 from dcu.migrate import NothingToMigrate, migrate_streams
 from dcu.replay import ReplayRefused, replay
 from dcu.service import ROLES, RolePlan, ensure_topology, nats_resolved, run_roles
@@ -147,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd.add_argument(
         "--delete-old", action="store_true", help="delete the old stream once copied"
     )
+    fetch_cmd = sub.add_parser(
+        "fetch", help="download a completed task's archive and check its sha256"
+    )
+    fetch_cmd.add_argument("task_id")
+    fetch_cmd.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    fetch_cmd.add_argument("--server", default=None, help="gateway URL (env DCU_SERVER)")
+    fetch_cmd.add_argument("--token", default=None, help="bearer token (env DCU_TOKEN)")
     worker = sub.add_parser("worker", help="workers for some roles (stages, cleanup)")
     worker.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     worker.add_argument("stages", nargs="+", choices=ROLES, metavar="role", help=", ".join(ROLES))
@@ -174,6 +183,8 @@ def _bound_malloc() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "fetch":  # a client of the gateway: no service settings
+        return fetch.run(args.server, args.token, args.task_id, args.output)
     _bound_malloc()
     diagnostics.install()
     try:

@@ -15,7 +15,7 @@ from typing import Literal
 from aiohttp import web
 
 from bus import Bus
-from gateway import admin, asyncapi, auth, envelope, events_api, models, openapi, start
+from gateway import admin, asyncapi, auth, download, envelope, events_api, models, openapi, start
 from gateway.http import parse_path, parse_query, respond
 from gateway.keys import API, BUS, REPOSITORY, SETTINGS
 from kernel.errors import DcuError, NotFound, Unauthorized
@@ -140,6 +140,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get(f"{API}/query", query_tasks)
     app.router.add_get(f"{API}/health", health)
     events_api.setup(app)
+    download.setup(app)
     admin.setup(app)
     openapi.setup(app)
     asyncapi.setup(app)

@@ -724,6 +724,19 @@ class StartResult(ResponseModel):
     task's current state."""
 
 
+class DownloadLink(ResponseModel):
+    """Where to fetch a completed task's archive (S3): also the answer's `Location`."""
+
+    url: str
+    """Presigned GET URL; no credentials needed until it expires."""
+    file_name: str
+    bytes: NonNegative
+    sha256: str | None
+    """The archive's recorded sha256 (hex); also the `X-Checksum-Sha256` header."""
+    expires_in: float
+    """Seconds the URL stays valid (`minio.download_url_expiry`)."""
+
+
 class Health(ResponseModel):
     status: Literal["ok", "unhealthy"]
     nats: Literal["connected", "disconnected"]

@@ -161,6 +161,31 @@ def _operations(settings: Settings) -> dict[str, dict[str, Operation]]:
                 errors=("BadRequest", "NotFound", "Unavailable"),
             )
         },
+        "/download/{task_id}": {
+            "get": Operation(
+                "downloadArchive",
+                "tasks",
+                "A completed task's archive, without S3 credentials.",
+                description="With S3 the answer is a `307` to a URL presigned for "
+                "`minio.download_url_expiry` seconds; with the local store the file itself, "
+                "`Range` requests included. `X-Checksum-Sha256` carries the recorded sha256. "
+                "A task that has not completed is a `409`; an archive already removed by the "
+                "cleanup a `404`.",
+                path=models.TaskPath,
+                replies={
+                    200: Reply(
+                        "The archive (local store).",
+                        content={
+                            "application/octet-stream": {
+                                "schema": {"type": "string", "format": "binary"}
+                            }
+                        },
+                    ),
+                    307: Reply("Redirect to the archive (S3): `Location`.", models.DownloadLink),
+                },
+                errors=("BadRequest", "Unauthorized", "NotFound", "Conflict", "Unavailable"),
+            )
+        },
         "/query": {
             "get": Operation(
                 "queryTasks",

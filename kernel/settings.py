@@ -166,6 +166,8 @@ class MinioSettings(BaseModel):
     # PEM bundle of the CA(s) that signed the S3 server's certificate, instead of the
     # system's trust store; only with ``use_ssl``.
     ca_file: str = ""
+    # Seconds a download link (GET /download/{task_id} on S3) stays valid; S3 allows 7 days.
+    download_url_expiry: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
 
     @model_validator(mode="after")
     def _ca_needs_tls(self) -> MinioSettings:
