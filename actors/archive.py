@@ -704,41 +704,42 @@ class _Writer:
 
     def layer(self, piece: LayerPiece) -> None:
         if piece.verbatim or piece.layer.media_type in TAR_LAYER_TYPES:
-            self._copy(piece)
+            self._copy(piece.layer.blob, piece.size, exact=True)
         else:
             for chunk in _checked_tar_chunks(piece.layer):
                 self._sink.write(chunk)
                 self.done += len(chunk)
                 self._report(self.done)
 
-    def _copy(self, piece: LayerPiece) -> None:
-        """Copy the blob as it is: its bytes are the body the plan sized. The blob must be
-        the one inspected: one of another length would corrupt the tar, so that is an
-        error."""
-        start, size = self.done, piece.size
+    def _copy(self, blob: Path, body: int, *, exact: bool) -> None:
+        """Copy ``blob`` as it is, as ``body`` bytes of the tar: its own length when
+        ``exact`` (a verbatim or uncompressed layer; another length would corrupt the
+        tar, so that is an error), the inflated length of a spliced gzip blob otherwise
+        (there a changed blob would only be caught by docker load's diff_id check)."""
+        start = self.done
         buffer = bytearray(_READ_CHUNK)
         view = memoryview(buffer)
         copied = 0
-        with piece.layer.blob.open("rb", buffering=0) as source:
+        with blob.open("rb", buffering=0) as source:
             blob_size = os.fstat(source.fileno()).st_size
-            if blob_size != size:
+            if exact and blob_size != body:
                 raise LayerFormatError(
-                    f"layer {piece.layer.blob} changed since it was inspected: "
-                    f"expected {size} bytes, found {blob_size}"
+                    f"layer {blob} changed since it was inspected: "
+                    f"expected {body} bytes, found {blob_size}"
                 )
             while n := source.readinto(buffer):
                 copied += n
-                if copied > size:
+                if exact and copied > body:
                     break
                 self._sink.write(view[:n])
-                self._report(start + size * copied // max(blob_size, 1))
-        if copied != size:
+                self._report(start + body * copied // max(blob_size, 1))
+        if exact and copied != body:
             raise LayerFormatError(
-                f"layer {piece.layer.blob} changed since it was inspected: "
-                f"expected {size} bytes, found {'more' if copied > size else copied}"
+                f"layer {blob} changed since it was inspected: "
+                f"expected {body} bytes, found {'more' if copied > body else copied}"
             )
         self.spliced += copied
-        self.done = start + size
+        self.done = start + body
 
 
 class _GzipWriter(_Writer):
@@ -773,29 +774,11 @@ class _GzipWriter(_Writer):
         self.end()
         layer = piece.layer
         if layer.media_type in GZIP_LAYER_TYPES and layer.info.spliceable:
-            self._splice(layer)
+            # its bytes are already the gzip members of layer.tar
+            self._copy(layer.blob, layer.info.tar_size, exact=False)
         else:
             self._recompress(layer)
         self._report(self.done)
-
-    def _splice(self, layer: ArchiveLayer) -> None:
-        """Copy the blob as it is; its bytes are already the gzip members of layer.tar.
-
-        The blob must be the one inspected: a changed blob would not match the tar
-        header's size, and only docker load's diff_id check would notice.
-        """
-        start, tar_size = self.done, layer.info.tar_size
-        buffer = bytearray(_READ_CHUNK)
-        view = memoryview(buffer)
-        copied = 0
-        with layer.blob.open("rb", buffering=0) as source:
-            blob_size = os.fstat(source.fileno()).st_size
-            while n := source.readinto(buffer):
-                self._sink.write(view[:n])
-                copied += n
-                self._report(start + tar_size * copied // max(blob_size, 1))
-        self.spliced += copied
-        self.done = start + tar_size
 
     def _recompress(self, layer: ArchiveLayer) -> None:
         """Decompress the blob and deflate it with ISA-L as one member of its own."""

@@ -467,6 +467,7 @@ class RegistryEngine:
                 return result
 
         planned: list[PlanImage] = []
+        parsed: list[dict[str, Any]] = []  # each config parsed once, before its layers come
         try:
             for ref, resolved in images:
                 # Configs first (they are small): a bad one fails the task before the
@@ -478,6 +479,7 @@ class RegistryEngine:
                     )
                 await fetches[resolved.config.digest]
                 config = parse_json_document(config_path.read_bytes(), f"config of {ref}")
+                parsed.append(config)
                 diff_ids = _diff_ids(config, f"config of {ref}")
                 if len(diff_ids) != len(resolved.layers):
                     raise RegistryRefused(
@@ -487,8 +489,8 @@ class RegistryEngine:
                     if descriptor.digest not in fetches:
                         fetches[descriptor.digest] = asyncio.create_task(one(resolved, descriptor))
             results = await asyncio.gather(*fetches.values())
-            for ref, resolved in images:
-                planned.append(await self._plan_image(ref, resolved, blobs, infos))
+            for (ref, resolved), config in zip(images, parsed, strict=True):
+                planned.append(await self._plan_image(ref, resolved, config, blobs, infos))
         except BaseException:
             for task in fetches.values():
                 task.cancel()
@@ -517,6 +519,7 @@ class RegistryEngine:
         self,
         ref: ImageReference,
         resolved: ResolvedImage,
+        config: dict[str, Any],
         blobs: Path,
         infos: dict[str, LayerInfo],
     ) -> PlanImage:
@@ -524,7 +527,6 @@ class RegistryEngine:
         config's diff_ids, and its manifest kept beside its blobs (an OCI layout holds
         it verbatim)."""
         config_blob = resolved.config.digest.partition(":")[2]
-        config = parse_json_document((blobs / config_blob).read_bytes(), f"config of {ref}")
         diff_ids = _diff_ids(config, f"config of {ref}")
         layers = []
         for descriptor, diff_id in zip(resolved.layers, diff_ids, strict=True):

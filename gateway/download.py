@@ -54,8 +54,10 @@ async def download(request: web.Request) -> web.StreamResponse:
             f"the archive of task {task_id} ({name}) no longer exists: the cleanup removes "
             f"objects after {retention:g} days"
         )
-    detail = await repository.get_detail(task_id)
-    sha256 = info.metadata.get("dcu-sha256") or (detail.archive_sha256 if detail else None)
+    sha256 = info.metadata.get("dcu-sha256")
+    if not sha256:  # an object uploaded without it: the task's record
+        detail = await repository.get_detail(task_id)
+        sha256 = detail.archive_sha256 if detail else None
     headers = {CHECKSUM_HEADER: sha256} if sha256 else {}
     expiry = request.app[SETTINGS].minio.download_url_expiry
     where = await store.locate(name, timedelta(seconds=expiry))
