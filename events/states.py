@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from events import messages
+
 
 class TaskState(enum.StrEnum):
     IDLE = "idle"
@@ -31,7 +33,11 @@ class TaskState(enum.StrEnum):
 
     @property
     def display(self) -> str:
-        return DISPLAY[self]
+        """The seed's name of the state (Chinese, the default language)."""
+        return messages.text(f"state.{self.value}")
+
+    def display_in(self, language: messages.Language) -> str:
+        return messages.text(f"state.{self.value}", language)
 
     @property
     def terminal(self) -> bool:
@@ -47,16 +53,9 @@ PROGRESS: dict[TaskState, int] = {
     TaskState.FAILED: -1,
 }
 
-# The seed's state table says 下载中/压缩中/上传中 while its status example says 压缩镜像中;
-# the display strings follow the example's fuller form consistently for every running stage.
-DISPLAY: dict[TaskState, str] = {
-    TaskState.IDLE: "等待中",
-    TaskState.DOWNLOADING: "下载镜像中",
-    TaskState.COMPRESSING: "压缩镜像中",
-    TaskState.UPLOADING: "上传镜像中",
-    TaskState.COMPLETED: "已完成",
-    TaskState.FAILED: "失败",
-}
+# state_display comes from events.messages (``state.<state>``): the seed's state table says
+# 下载中/压缩中/上传中 while its status example says 压缩镜像中; the display strings follow the
+# example's fuller form consistently for every running stage.
 
 TERMINAL_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED})
 

@@ -15,7 +15,18 @@ from typing import Literal
 from aiohttp import web
 
 from bus import Bus
-from gateway import admin, asyncapi, auth, download, envelope, events_api, models, openapi, start
+from gateway import (
+    admin,
+    asyncapi,
+    auth,
+    download,
+    envelope,
+    events_api,
+    language,
+    models,
+    openapi,
+    start,
+)
 from gateway.http import parse_path, parse_query, respond
 from gateway.keys import API, BUS, REPOSITORY, SETTINGS
 from kernel.errors import DcuError, NotFound, Unauthorized
@@ -75,8 +86,9 @@ async def task_status(request: web.Request) -> web.Response:
         detail = await repository.get_detail(task_id)
     now = datetime.now(UTC)
     if detail is None:
-        return respond(envelope.ok(models.Task.of(task, now)))
-    return respond(envelope.ok(models.TaskDetail.with_detail(task, now, detail)))
+        return respond(envelope.ok(models.Task.of(task, now, language.of(request))))
+    answer = models.TaskDetail.with_detail(task, now, detail, language.of(request))
+    return respond(envelope.ok(answer))
 
 
 async def query_tasks(request: web.Request) -> web.Response:
@@ -90,7 +102,9 @@ async def query_tasks(request: web.Request) -> web.Response:
         page_size=query.page_size,
     )
     now = datetime.now(UTC)
-    page = models.TaskPage(total=total, items=[models.Task.of(task, now) for task in items])
+    in_language = language.of(request)
+    answers = [models.Task.of(task, now, in_language) for task in items]
+    page = models.TaskPage(total=total, items=answers)
     return respond(envelope.ok(page))
 
 
@@ -126,7 +140,7 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """The gateway on ``settings`` (``settings.nats.url`` is the NATS it publishes to)."""
     app = web.Application(
-        middlewares=[envelope_errors, auth.require_token],
+        middlewares=[language.negotiate_language, envelope_errors, auth.require_token],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings

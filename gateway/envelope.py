@@ -11,10 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from events import messages
 from kernel import errors
 
 SUCCESS = "success"
-STARTED = "任务已启动"
+STARTED = messages.text("api.started")  # in the default language; see gateway.language
 
 # error kind -> (HTTP status, envelope code)
 ERROR_TABLE: dict[type[errors.DcuError], tuple[int, int]] = {

@@ -54,6 +54,7 @@ from events.limits import (
     PLATFORM_MAX,
     USERNAME_MAX,
 )
+from events.messages import DEFAULT_LANGUAGE, Language
 from events.platform import DEFAULT_PLATFORM, PLATFORM_PATTERN, InvalidPlatform, parse_platform
 from events.reference import InvalidReference, parse_reference, registry_refusal
 from events.schema import EventType
@@ -618,12 +619,12 @@ class Task(ResponseModel):
     error_message: str | None
 
     @classmethod
-    def of(cls, task: TaskLike, now: datetime) -> Self:
+    def of(cls, task: TaskLike, now: datetime, language: Language = DEFAULT_LANGUAGE) -> Self:
         state = TaskState(task.state)
         return cls(
             task_id=task.task_id,
             state=state,
-            state_display=state.display,
+            state_display=state.display_in(language),
             docker_image_name=task.docker_image_name,
             gzip_file_name=task.gzip_file_name,
             minio_object_name=task.minio_object_name,
@@ -680,14 +681,20 @@ class TaskDetail(Task):
     uncompressed size in a `docker-archive`): what the bundle saves over single archives."""
 
     @classmethod
-    def with_detail(cls, task: TaskLike, now: datetime, detail: TaskDetailRecord) -> Self:
+    def with_detail(
+        cls,
+        task: TaskLike,
+        now: datetime,
+        detail: TaskDetailRecord,
+        language: Language = DEFAULT_LANGUAGE,
+    ) -> Self:
         total = detail.stage_bytes_total
         done = detail.stage_bytes_done
         percent = None
         if total and done is not None:
             percent = round(min(100.0, 100.0 * done / total), 1)
         return cls(
-            **dict(Task.of(task, now)),
+            **dict(Task.of(task, now, language)),
             image_id=detail.image_id,
             archive_bytes=detail.archive_bytes,
             archive_sha256=detail.archive_sha256,

@@ -548,7 +548,10 @@ def document(app: web.Application) -> dict[str, Any]:
             "description": "Download-Compress-Upload: package container images as "
             "docker-loadable .tar.gz archives in S3. Every response but this document is "
             "the envelope `{code, status, message, data}`; an unknown route answers 404 and "
-            "a method a path does not take 405 (with `Allow`), both in the envelope.",
+            "a method a path does not take 405 (with `Allow`), both in the envelope. "
+            "`state_display` and the envelope's fixed messages are Chinese (the seed) unless "
+            "`Accept-Language` prefers English (`en`) or `server.language` is `en`; an answer "
+            "says which in `Content-Language`.",
         },
         "servers": [{"url": API}],
         "tags": [{"name": "tasks"}, {"name": "events"}, {"name": "admin"}, {"name": "meta"}],

@@ -27,10 +27,11 @@ from datetime import datetime
 
 from aiohttp import web
 
+from events import messages
 from events.formats import DEFAULT_FORMAT, ArchiveFormat
 from events.schema import DecodeError, Event, EventType, Requested, once_per_task_id
 from events.states import TaskState
-from gateway import auth, envelope, models
+from gateway import auth, envelope, language, models
 from gateway.http import parse_body, parse_headers, respond
 from gateway.keys import BUS, REPOSITORY, SETTINGS
 from gateway.models import IDEMPOTENCY_HEADER
@@ -363,7 +364,8 @@ async def _accept(
             state = await _start(request.app, event, key)
     else:
         state = await _start(request.app, event, key)
-    return respond(envelope.ok(models.StartResult(task_id=task_id, state=state), envelope.STARTED))
+    started = messages.text("api.started", language.of(request))
+    return respond(envelope.ok(models.StartResult(task_id=task_id, state=state), started))
 
 
 async def stream_task(

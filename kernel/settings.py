@@ -35,6 +35,7 @@ from pydantic_settings import (
 from events.cleanup import check_cron
 from events.formats import DEFAULT_FORMAT, ArchiveFormat
 from events.limits import BUNDLE_IMAGES_MAX, USERNAME_MAX
+from events.messages import DEFAULT_LANGUAGE, Language
 from events.platform import DEFAULT_PLATFORM, InvalidPlatform, parse_platform
 from kernel.docker_config import DockerConfigError, RegistryCredentials, read_docker_config
 from kernel.errors import ConfigError
@@ -56,6 +57,9 @@ class ServerSettings(BaseModel):
     max_active_tasks_per_user: int = Field(default=0, ge=0)  # 0: no limit
     # Images one ``POST /bundle`` may name.
     max_bundle_images: int = Field(default=20, ge=1, le=BUNDLE_IMAGES_MAX)
+    # The language of state_display and the envelope's fixed messages when a request's
+    # Accept-Language names none of ours (events.messages): the seed's Chinese by default.
+    language: Language = DEFAULT_LANGUAGE
 
 
 TOKEN_MIN_LENGTH = 16
@@ -363,6 +367,12 @@ class ArchiveSettings(BaseModel):
     max_segment_bytes: int = Field(default=256 * 1024**2, ge=1024)  # read limit on replay
 
 
+class LogSettings(BaseModel):
+    # ``text``: one human-readable line per record; ``json``: one JSON object per line with
+    # ``task_id``, ``stage`` and ``event_id`` where the record concerns a task (kernel.logs).
+    format: Literal["text", "json"] = "text"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DCU_",
@@ -382,6 +392,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod
     def settings_customise_sources(
