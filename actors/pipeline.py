@@ -36,7 +36,7 @@ from dramatiq_jetstream import (
 )
 from events import subjects
 from events.schema import DecodeError, Event, EventType, Failed, Stage, once_per_task_id
-from kernel import diagnostics
+from kernel import diagnostics, logs
 from kernel.errors import PermanentFailure
 from kernel.settings import Settings
 
@@ -163,12 +163,16 @@ class FailTaskWhenGivenUp(Middleware):
         self.runtime = runtime
 
     def before_nack(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        exception = getattr(message, "_exception", None)
         task_id = _task_id_of(message)
+        stage = message.queue_name.removesuffix(".DQ")
+        with logs.bound(task_id=task_id, stage=stage):
+            self._give_up(message, task_id, stage)
+
+    def _give_up(self, message: MessageProxy, task_id: str | None, stage: str) -> None:
+        exception = getattr(message, "_exception", None)
         if task_id is None:
             log.error("message %s failed for good and names no task: %s", message, exception)
             return
-        stage = message.queue_name.removesuffix(".DQ")
         reason = f"{stage} failed: {exception}"
         retries = message.options.get("retries", 0)
         if retries and not isinstance(exception, DeliveriesExceeded):
@@ -239,8 +243,9 @@ def declare_stage(
             raise PermanentFailure(f"{stage} got a {event.type} event, expected {trigger}")
         message = CurrentMessage.get_current_message()
         attempt = message.num_delivered if isinstance(message, JetStreamMessageProxy) else 1
-        ctx = await runtime.context()
-        await work(ctx, event, attempt)
+        with logs.bound(task_id=event.task_id, stage=str(stage), event_id=event.event_id):
+            ctx = await runtime.context()
+            await work(ctx, event, attempt)
 
     run.__name__ = str(stage)
     broker.bind_events(

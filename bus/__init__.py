@@ -8,6 +8,7 @@ sets the three streams up; every nats-py error becomes ``kernel.errors.BusError`
 
 from bus.client import (
     Bus,
+    ConsumerLag,
     Delivery,
     LiveSubscription,
     Published,
@@ -23,6 +24,7 @@ from events.audit_archive import StoredMessage
 __all__ = [
     "DUPLICATE_WINDOW",
     "Bus",
+    "ConsumerLag",
     "Delivery",
     "LegacyStream",
     "LiveSubscription",

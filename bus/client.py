@@ -178,6 +178,20 @@ class LiveSubscription:
                 log.debug("unsubscribing: %r", exc)
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerLag:
+    """A durable consumer's backlog, as JetStream reports it."""
+
+    stream: str
+    durable: str
+    pending: int
+    """Messages of its stream not yet delivered to it."""
+    ack_pending: int
+    """Delivered and not yet acknowledged."""
+    redelivered: int
+    """Held messages that were delivered more than once."""
+
+
 class Bus:
     """One NATS connection (per role) with the DCU operations on it."""
 
@@ -243,6 +257,50 @@ class Bus:
     async def delete_stream(self, stream: str) -> None:
         async with translating(f"cannot delete stream {stream}"):
             await self.js.delete_stream(stream)
+
+    # -- observing ---------------------------------------------------------------------
+
+    async def consumer_lag(self) -> list[ConsumerLag]:
+        """Every durable consumer of the three streams (a missing stream has none);
+        ephemeral readers are left out. Raises BusError."""
+        settings = self.settings
+        found: list[ConsumerLag] = []
+        for stream in (settings.audit_stream, settings.progress_stream, settings.work_stream):
+            async with translating(f"cannot list the consumers of {stream}"):
+                try:
+                    infos = await self.js.consumers_info(stream)
+                except NotFoundError:
+                    continue
+            found.extend(
+                ConsumerLag(
+                    stream=stream,
+                    durable=info.config.durable_name,
+                    pending=int(info.num_pending or 0),
+                    ack_pending=int(info.num_ack_pending or 0),
+                    redelivered=int(info.num_redelivered or 0),
+                )
+                for info in infos
+                if info.config.durable_name
+            )
+        return found
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters in the work stream by queue (``<prefix>.dead.<queue>``); queues
+        without any are absent. Raises BusError."""
+        settings = self.settings
+        stream = settings.work_stream
+        prefix = f"{settings.subject_prefix}.dead."
+        async with translating(f"cannot read the dead letters of {stream}"):
+            try:
+                info = await self.js.stream_info(
+                    stream, subjects_filter=subjects.every_dead(settings.subject_prefix)
+                )
+            except NotFoundError:
+                return {}
+        return {
+            subject.removeprefix(prefix): int(count)
+            for subject, count in (info.state.subjects or {}).items()
+        }
 
     # -- publishing ----------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dcu import fetch
 from dcu.migrate import NothingToMigrate, migrate_streams
 from dcu.replay import ReplayRefused, replay
 from dcu.service import ROLES, RolePlan, ensure_topology, nats_resolved, run_roles
-from kernel import diagnostics
+from kernel import diagnostics, logs
 from kernel.errors import ConfigError
 from kernel.settings import Settings, listen_refusal, load_settings
 
@@ -36,9 +36,9 @@ log = logging.getLogger("dcu")
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if settings.server.mode == "debug" else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logs.configure(
+        settings.log.format,
+        logging.DEBUG if settings.server.mode == "debug" else logging.INFO,
     )
     for noisy in ("aiohttp.access", "asyncio", "tortoise", "aiosqlite", "dramatiq", "nats"):
         logging.getLogger(noisy).setLevel(

@@ -23,6 +23,7 @@ from gateway import (
     envelope,
     events_api,
     language,
+    metrics,
     models,
     openapi,
     start,
@@ -158,4 +159,5 @@ def create_app(settings: Settings) -> web.Application:
     admin.setup(app)
     openapi.setup(app)
     asyncapi.setup(app)
+    metrics.setup(app)
     return app

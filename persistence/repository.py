@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import asyncpg
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.exceptions import IntegrityError
+from tortoise.functions import Count
 from tortoise.transactions import in_transaction
 
 from events.limits import ERROR_MESSAGE_MAX, ID_MAX
@@ -815,6 +816,21 @@ class TaskRepository:
             ).count()
 
         return await self._run(f"cannot count active tasks of {username}", read)
+
+    async def count_by_state(self) -> dict[TaskState, int]:
+        """How many tasks are in each state (every state, zero when none is)."""
+
+        async def read() -> list[dict[str, Any]]:
+            query = DcuTask.all().annotate(count=Count("id")).group_by("state")
+            rows: list[dict[str, Any]] = await query.values("state", "count")
+            return rows
+
+        counts = dict.fromkeys(TaskState, 0)
+        known = {state.value for state in TaskState}
+        for row in await self._run("cannot count tasks by state", read):
+            if row["state"] in known:
+                counts[TaskState(row["state"])] = int(row["count"])
+        return counts
 
     async def refused_events(self, limit: int = 100) -> list[RefusedEventRecord]:
         """The ``limit`` most recent refused messages, newest (by stream time) first.

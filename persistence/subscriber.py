@@ -42,6 +42,7 @@ from events import subjects
 from events.audit_archive import StoredMessage
 from events.limits import RAW_LOG_MAX
 from events.schema import DecodeError, Event, EventType, UnknownEventType, utcnow
+from kernel import logs
 from kernel.errors import DcuError
 from kernel.settings import NatsSettings
 from persistence.database import DatabaseError
@@ -242,6 +243,13 @@ class PersistenceSubscriber:
                 log.exception("decoding message %s failed", sequence)
             await self._refuse(message, _refusal(exc))
             return
+        with logs.bound(
+            task_id=event.task_id, stage=logs.event_stage(event), event_id=event.event_id
+        ):
+            await self._apply(message, event)
+
+    async def _apply(self, message: Delivery, event: Event) -> None:
+        sequence = message.stored.seq
         try:
             async with _kept_alive(message, self._settings.ack_wait / 3):
                 outcome = await self._repository.apply(event, sequence)
