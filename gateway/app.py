@@ -19,6 +19,7 @@ from gateway import (
     admin,
     asyncapi,
     auth,
+    console,
     download,
     envelope,
     events_api,
@@ -160,4 +161,5 @@ def create_app(settings: Settings) -> web.Application:
     openapi.setup(app)
     asyncapi.setup(app)
     metrics.setup(app)
+    console.setup(app)
     return app

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 CHALLENGE = 'Bearer realm="dcu"'
 SAFE_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS})
 ALWAYS_OPEN = frozenset({f"{API}/health"})
+# The web console's page, files and labels (gateway.console.OPEN_PATHS): a browser loads
+# them before it has a token. The API calls the console makes stay protected.
+CONSOLE_OPEN = frozenset({"/", "/console/messages.json", "/console/{name}"})
 USER = web.RequestKey("dcu_user", str)
 """The authenticated name, set on requests that carried a valid token."""
 
@@ -84,7 +87,7 @@ def _needs_token(request: web.Request) -> bool:
     if not request.app[SETTINGS].auth.protect_reads:
         return False
     resource = request.match_info.route.resource
-    return resource is None or resource.canonical not in ALWAYS_OPEN
+    return resource is None or resource.canonical not in ALWAYS_OPEN | CONSOLE_OPEN
 
 
 @web.middleware

@@ -29,13 +29,23 @@ def test_the_document_is_valid_openapi() -> None:
 def test_every_route_of_the_app_is_described_by_hand() -> None:
     app = create_app(Settings())
     document = openapi.document(app)
-    routes = {
-        (route.resource.canonical.removeprefix(API), route.method.lower())
+    every = {
+        (route.resource.canonical, route.method.lower())
         for route in app.router.routes()
         if route.resource is not None and route.method != "HEAD"
     }
+    routes = {(path.removeprefix(API), method) for path, method in every if path.startswith(API)}
     documented = {(path, method) for path, item in document["paths"].items() for method in item}
     assert documented == routes
+    # Outside the API only the console (docs in README) and /metrics (docs/operations.md).
+    outside = {path for path, _ in every if not path.startswith(f"{API}/")}
+    assert outside == {
+        "/",
+        "/console/{name}",
+        "/console/messages.json",
+        "/console/download/{task_id}",
+        "/metrics",
+    }
     undescribed = sorted(
         f"{method.upper()} {path}"
         for path, item in document["paths"].items()
