@@ -45,6 +45,7 @@ from actors.pipeline import Runtime
 from dramatiq_jetstream import JetStreamBroker
 from events import subjects
 from events.cleanup import (
+    CLEANUP_QUEUE,
     CleanupEvent,
     CleanupEventType,
     CleanupKind,
@@ -63,8 +64,6 @@ from kernel.errors import DcuError, PermanentFailure
 from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
-
-CLEANUP_QUEUE = "cleanup"
 
 # Every format's archive, and the part file of one being written.
 ARCHIVE_NAMES = (*ARCHIVE_SUFFIXES, *(f"{suffix}.part" for suffix in ARCHIVE_SUFFIXES))

@@ -1,4 +1,4 @@
-"""The ``dcu`` command: parse, build settings, wire components, wait for a signal, stop.
+"""The ``dcu`` command line: parse, then hand the command to what runs it.
 
 dcu serve     all in one process: gateway, persistence, download/compress/upload and
               cleanup workers, and the cleanup timer
@@ -6,98 +6,25 @@ dcu gateway   the HTTP gateway only
 dcu worker    workers for some roles: dcu worker download compress upload cleanup
 dcu persist   the persistence subscriber only
 dcu timer     the cleanup timer only (publishes cleanup requests on the cron ticks)
+dcu archiver  the audit archiver only
+dcu replay, dcu setup, dcu migrate-streams   maintenance (docs/operations.md)
+dcu submit    start a task on a gateway and, with --wait, follow it (dcu.submit, docs/ci.md)
 dcu fetch     a completed task's archive from a gateway, sha256 checked (dcu.fetch)
 
-Exit code 2 is a configuration the command refuses before starting anything: invalid
-settings (``kernel.errors.ConfigError``: a bad key, an unreadable config file or
-``docker.config_file``), or an HTTP role
-(serve, gateway) on a non-loopback address with auth off (``kernel.settings.listen_refusal``).
+``submit`` and ``fetch`` are clients of a gateway: they read no service settings, and the
+service commands' module (``dcu.commands``, which imports the whole service stack) is
+imported only when one of those runs, so a pipeline step starts in a fraction of a second.
+Exit code 2 is bad usage or a configuration refused before anything starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import ctypes
-import logging
 import sys
 from pathlib import Path
 
-from dcu import fetch
-from dcu.migrate import NothingToMigrate, migrate_streams
-from dcu.replay import ReplayRefused, replay
-from dcu.service import ROLES, RolePlan, ensure_topology, nats_resolved, run_roles
-from kernel import diagnostics, logs
-from kernel.errors import ConfigError
-from kernel.settings import Settings, listen_refusal, load_settings
-
-log = logging.getLogger("dcu")
-
-
-def _configure_logging(settings: Settings) -> None:
-    logs.configure(
-        settings.log.format,
-        logging.DEBUG if settings.server.mode == "debug" else logging.INFO,
-    )
-    for noisy in ("aiohttp.access", "asyncio", "tortoise", "aiosqlite", "dramatiq", "nats"):
-        logging.getLogger(noisy).setLevel(
-            logging.INFO if noisy == "aiohttp.access" else logging.WARNING
-        )
-
-
-async def _replay(
-    settings: Settings, target_url: str, *, allow_partial: bool, from_archive: bool
-) -> int:
-    async with nats_resolved(settings) as settings:
-        try:
-            report = await replay(
-                settings,
-                target_url,
-                allow_partial=allow_partial,
-                from_archive=from_archive,
-            )
-        except ReplayRefused as exc:
-            print(f"dcu replay: refused: {exc}", file=sys.stderr)
-            return 1
-    counts = report.counts
-    partial = " (PARTIAL: facts are missing)"
-    archived = f"the audit archive (1-{report.archived}) and " if from_archive else ""
-    print(
-        f"replayed {archived}stream {settings.nats.audit_stream}: "
-        f"tasks rebuilt {counts.tasks}, events applied {counts.applied}, "
-        f"events refused {counts.refused}" + (partial if report.partial else "")
-    )
-    return 0
-
-
-async def _setup(settings: Settings, *, apply: bool) -> int:
-    async with nats_resolved(settings) as settings:
-        found = await ensure_topology(settings, apply=apply)
-    for stream, changes in found.items():
-        for change in changes:
-            print(f"{stream}: {change}")
-    if found and not apply:
-        print("dcu setup: streams differ from the settings; run with --apply to update them")
-        return 1
-    print("dcu setup: streams " + ("updated" if found else "match the settings"))
-    return 0
-
-
-async def _migrate(settings: Settings, *, delete_old: bool) -> int:
-    async with nats_resolved(settings) as settings:
-        try:
-            report = await migrate_streams(settings, delete_old=delete_old)
-        except NothingToMigrate as exc:
-            print(f"dcu migrate-streams: {exc}", file=sys.stderr)
-            return 1
-    print(
-        f"migrated stream {settings.nats.stream}: {report.read} messages read, "
-        f"{report.facts} facts in {settings.nats.audit_stream}, {report.dead_letters} dead "
-        f"letters in {settings.nats.work_stream}, {report.skipped} progress/queue messages "
-        "not copied; old stream " + ("deleted" if report.old_stream_deleted else "kept")
-    )
-    return 0
+from dcu import fetch, submit
+from dcu.roles import ROLES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,74 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_cmd.add_argument("-o", "--output", type=Path, required=True, help="file to write")
     fetch_cmd.add_argument("--server", default=None, help="gateway URL (env DCU_SERVER)")
     fetch_cmd.add_argument("--token", default=None, help="bearer token (env DCU_TOKEN)")
+    submit.add_arguments(
+        sub.add_parser("submit", help="start a task from a pipeline; --wait follows it to its end")
+    )
     worker = sub.add_parser("worker", help="workers for some roles (stages, cleanup)")
     worker.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     worker.add_argument("stages", nargs="+", choices=ROLES, metavar="role", help=", ".join(ROLES))
     return parser
 
 
-# glibc's mallopt parameters (malloc.h); no Python package exposes them.
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-
-def _bound_malloc() -> None:
-    """Keep the worker's memory flat however large the image: DCU streams in 1-8 MiB
-    buffers from many threads, and glibc by default gives each thread an arena of its
-    own and raises its mmap threshold after every large free, so freed buffers stay in
-    arenas (RSS grows with the archive). Two arenas and a fixed 1 MiB threshold hand
-    every large buffer back to the kernel when it is freed. A no-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, 2)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
-    except (OSError, AttributeError):
-        return
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "fetch":  # a client of the gateway: no service settings
         return fetch.run(args.server, args.token, args.task_id, args.output)
-    _bound_malloc()
-    diagnostics.install()
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"dcu: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    _configure_logging(settings)
-    command = args.command
-    if command == "replay":
-        target = args.into or settings.database.tortoise_url()
-        return asyncio.run(
-            _replay(
-                settings,
-                target,
-                allow_partial=args.allow_partial,
-                from_archive=args.from_archive,
-            )
-        )
-    if command == "setup":
-        return asyncio.run(_setup(settings, apply=args.apply))
-    if command == "migrate-streams":
-        return asyncio.run(_migrate(settings, delete_old=args.delete_old))
-    if command in {"serve", "gateway"} and (refusal := listen_refusal(settings)) is not None:
-        print(f"dcu: {refusal}", file=sys.stderr)
-        return 2
-    roles = list(ROLES) if command == "serve" else list(dict.fromkeys(getattr(args, "stages", [])))
-    timer = command in {"serve", "timer"}
-    code = 0
-    with contextlib.suppress(KeyboardInterrupt):
-        plan = RolePlan(
-            http=command in {"serve", "gateway"},
-            persist=command in {"serve", "persist"},
-            stages=roles,
-            timer=timer,
-            archiver=command == "archiver" or (command == "serve" and settings.archive.enabled),
-        )
-        code = asyncio.run(run_roles(settings, plan))
-    return code
+    if args.command == "submit":  # a client too (dcu.submit)
+        return submit.run(args)
+    # Imported here, not at the top: the service stack takes most of a second to import,
+    # which the two clients above should not pay.
+    from dcu import commands
+
+    return commands.run(args)
 
 
 if __name__ == "__main__":

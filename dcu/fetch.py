@@ -10,6 +10,9 @@ sha256 matches the one the gateway names (``X-Checksum-Sha256``).
 
 Exit codes: 0 the file is there and checked; 1 the gateway refused (its message on
 stderr), the transfer failed or the checksum did not match (nothing left behind).
+
+The gateway's address, the token, the bearer header and the reading of a refusal's
+envelope are shared with ``dcu submit`` (``dcu.submit``), which imports them from here.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8090"
 CHECKSUM_HEADER = "X-Checksum-Sha256"  # as gateway.download sends it
 _CHUNK = 1 << 20
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
+API = "/api/dcu"
 
 
 class FetchFailed(Exception):
@@ -42,13 +46,25 @@ def token_of(given: str | None) -> str | None:
     return given or os.environ.get("DCU_TOKEN") or None
 
 
-async def _refusal(response: aiohttp.ClientResponse) -> FetchFailed:
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The bearer header for ``token``; none without one."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+async def gateway_message(response: aiohttp.ClientResponse) -> str:
+    """The ``message`` of the envelope a refusal carries, else the HTTP reason."""
     try:
         body = await response.json(content_type=None)
         message = body["message"]
     except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-        message = response.reason or "no message"
-    return FetchFailed(f"the gateway answered {response.status}: {message}")
+        message = None
+    if not isinstance(message, str) or not message:
+        return response.reason or "no message"
+    return message
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> FetchFailed:
+    return FetchFailed(f"the gateway answered {response.status}: {await gateway_message(response)}")
 
 
 async def fetch(server: str, token: str | None, task_id: str, dest: Path) -> str:
@@ -56,8 +72,8 @@ async def fetch(server: str, token: str | None, task_id: str, dest: Path) -> str
 
     Raises FetchFailed.
     """
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    url = f"{server}/api/dcu/download/{task_id}"
+    headers = auth_headers(token)
+    url = download_url(server, task_id)
     part = dest.with_name(dest.name + ".part")
     try:
         async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
@@ -87,6 +103,11 @@ async def fetch(server: str, token: str | None, task_id: str, dest: Path) -> str
         raise FetchFailed(f"sha256 mismatch: got {digest}, the task recorded {expected}")
     part.replace(dest)
     return digest
+
+
+def download_url(server: str, task_id: str) -> str:
+    """Where the gateway serves (or redirects to) a completed task's archive."""
+    return f"{server}{API}/download/{task_id}"
 
 
 async def _save(response: aiohttp.ClientResponse, part: Path) -> str:

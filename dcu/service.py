@@ -27,12 +27,14 @@ import dramatiq
 from aiohttp import web
 
 from actors.archiver import AuditArchiver
-from actors.cleanup import CLEANUP_QUEUE, declare_cleanup
+from actors.cleanup import declare_cleanup
 from actors.object_store import open_store
 from actors.pipeline import Runtime, build_broker, declare_stage, worker_name
 from actors.timer import CleanupTimer
 from bus import Bus
 from dcu.embedded import EmbeddedNats
+from dcu.roles import ROLES
+from events.cleanup import CLEANUP_QUEUE
 from events.schema import Stage
 from gateway.app import create_app
 from kernel import diagnostics
@@ -43,7 +45,6 @@ log = logging.getLogger(__name__)
 
 
 # Roles a worker process can run: the three stages and the cleanup actor.
-ROLES: tuple[str, ...] = (*(s.value for s in Stage), CLEANUP_QUEUE)
 
 
 def concurrency(settings: Settings, role: str) -> int:

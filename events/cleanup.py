@@ -55,6 +55,8 @@ from events.schema import (
     utcnow,
 )
 
+CLEANUP_QUEUE = "cleanup"  # the cleanup worker's queue and role name
+
 
 class CleanupKind(enum.StrEnum):
     GZIP = "gzip"  # local archives (storage.gzip_path) and work dirs (storage.work_path)

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -373,6 +374,24 @@ class LogSettings(BaseModel):
     format: Literal["text", "json"] = "text"
 
 
+# The gateway clients' variables (``dcu submit``, ``dcu fetch``; docs/ci.md): a URL and a
+# token, not the ``server`` section as JSON, so the service's settings never read them.
+CLIENT_VARIABLES = frozenset({"DCU_SERVER", "DCU_TOKEN"})
+
+
+class ServiceEnvironment(EnvSettingsSource):
+    """``DCU_*`` variables, without the clients' own (``CLIENT_VARIABLES``): a pipeline that
+    sets ``DCU_SERVER=https://dcu.example`` for ``dcu submit`` can run ``dcu serve`` too."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = {
+            name: value
+            for name, value in self.env_vars.items()
+            if name.upper() not in CLIENT_VARIABLES
+        }
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DCU_",
@@ -403,7 +422,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        environment = ServiceEnvironment(settings_cls)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, environment]
         yaml_file = _config_file.get("path")
         if yaml_file is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
