@@ -77,6 +77,7 @@ class DockerEngine:
     root: Path
     socket_dir: Path | None = None
     process: ManagedProcess | None = None
+    storage_driver: str = "vfs"  # works on any file system; overlay2 is much faster
     _made_socket_dir: bool = field(default=False, repr=False)
 
     @property
@@ -150,7 +151,7 @@ class DockerEngine:
         argv = [
             dockerd_binary(),
             "--storage-driver",
-            "vfs",
+            self.storage_driver,
             "--iptables=false",
             "--ip-forward=false",
             "--ip-masq=false",
@@ -169,10 +170,13 @@ class DockerEngine:
             wait_until(
                 self._ready,
                 timeout=60,
-                what="dockerd to answer on its socket",
+                what=f"dockerd ({self.storage_driver}) to answer on its socket",
                 error=ServerStartError,
                 describe=lambda: log_tail(self.log),
             )
+            driver = self.docker("info", "--format", "{{.Driver}}", timeout=30).stdout.strip()
+            if driver != self.storage_driver:
+                raise ServerStartError(f"dockerd runs {driver!r}, not {self.storage_driver!r}")
         except BaseException:
             self.stop()
             raise
