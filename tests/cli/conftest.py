@@ -8,10 +8,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import service_config
 from tests.servers.dcu_process import DcuProcess
 from tests.servers.nats import NatsServer
 from tests.servers.oci import layer_tar, push_image, write_layer_blob
@@ -32,45 +32,20 @@ class SubmitImages:
     slow: str
 
 
-def submit_config(
-    nats: NatsServer, s3: S3Server, tag: str, **sections: dict[str, Any]
-) -> dict[str, Any]:
-    """A ``dcu serve`` config with auth on (one token), its own stream and bucket; the
-    registry engine needs no Docker engine."""
-    config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1"},
-        "auth": {"enabled": True, "tokens": {TOKEN_NAME: TOKEN}},
-        "nats": {
-            "url": nats.url,
-            "stream": f"CLI_{tag}",
-            "subject_prefix": f"cli{tag}",
-            "ack_wait": 10,
-        },
-        "minio": {
-            "endpoint": s3.endpoint,
-            "access_key": s3.access_key,
-            "secret_key": s3.secret_key,
-            "bucket": f"dcu-cli-{tag}",
-        },
-        "workers": {
-            "max_retries": 1,
-            "min_backoff_ms": 200,
-            "max_backoff_ms": 500,
-            "progress_interval": 0.2,
-        },
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    return config
-
-
 @pytest.fixture(scope="module")
 def submit_service(
     nats_server: NatsServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DcuProcess]:
     tag = uuid.uuid4().hex[:8]
     workdir = tmp_path_factory.mktemp("dcu-submit")
-    config = submit_config(nats_server, s3_server, tag)
+    config = service_config(
+        nats=nats_server,
+        engine=None,
+        s3=s3_server,
+        tag=tag,
+        auth={"enabled": True, "tokens": {TOKEN_NAME: TOKEN}},
+        workers={"max_retries": 1, "max_backoff_ms": 500},
+    )
     service = DcuProcess(workdir, config, ["serve"], name="serve").start()
     try:
         yield service

@@ -116,7 +116,7 @@ async def test_off_a_terminal_stderr_has_one_plain_line_per_stage(
     assert lines[0] == f"dcu: task {task_id} accepted: {submit_images.good}"
     assert lines.count(f"dcu: {short} downloading {submit_images.good}") == 1, done
     assert re.fullmatch(
-        rf"dcu: {short} completed in \d+\.\d s: dcu-cli-\w+/\S+ "
+        rf"dcu: {short} completed in \d+\.\d s: dcu-\w+/\S+ "
         rf"\(\d+(\.\d)? [kMG]?B, sha256 [0-9a-f]{{64}}\)",
         lines[-1],
     ), done

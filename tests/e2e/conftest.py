@@ -16,7 +16,7 @@ from tests.servers.s3 import S3Server
 def service_config(
     *,
     nats: NatsServer,
-    engine: DockerEngine,
+    engine: DockerEngine | None,
     s3: S3Server | None,
     tag: str,
     s3_endpoint: str | None = None,
@@ -37,7 +37,6 @@ def service_config(
             "secret_key": s3.secret_key if s3 else "s",
             "bucket": f"dcu-{tag}",
         },
-        "docker": {"host": engine.host},
         "workers": {
             "max_retries": 2,
             "min_backoff_ms": 200,
@@ -45,6 +44,8 @@ def service_config(
             "progress_interval": 0.2,
         },
     }
+    if engine is not None:  # the registry engine (the default) needs no Docker engine
+        config["docker"] = {"host": engine.host}
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     return config

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from events.states import TaskState
 from tests.e2e.conftest import service_config
+from tests.gateway.test_metrics import Families, parse, sample
 from tests.polling import wait_until
 from tests.servers.dcu_process import DcuProcess
 from tests.servers.docker_engine import DockerEngine
@@ -26,8 +26,6 @@ from tests.servers.registry import Registry
 from tests.servers.s3 import S3Server
 
 pytestmark = pytest.mark.e2e
-
-Families = dict[str, Any]
 
 
 @dataclass
@@ -78,15 +76,7 @@ def scrape(service: DcuProcess) -> Families:
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
-    return {family.name: family for family in text_string_to_metric_families(text)}
-
-
-def sample(families: Families, name: str, **labels: str) -> float | None:
-    for family in families.values():
-        for found in family.samples:
-            if found.name == name and found.labels == labels:
-                return float(found.value)
-    return None
+    return parse(text)
 
 
 def payload(run: Run, task_id: str, event_type: str) -> dict[str, Any]:
