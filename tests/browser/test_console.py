@@ -417,6 +417,15 @@ def test_the_list_follows_running_tasks_live(console_page: ConsolePage, pushed_i
     image = pushed_images["large"].reference
     body = {"docker_image_name": image, "format": "docker-archive"}
     task_id = _api(console_page.service, "POST", "/start", body)["task_id"]
+    # /query lists a task once the persistence subscriber has recorded its `requested`
+    # event, a moment after the start (README); the list shows what /query says
+    wait_until(
+        lambda: _api(console_page.service, "GET", "/query?page_size=100")["items"],
+        until=lambda items: any(item["task_id"] == task_id for item in items),
+        timeout=60,
+        what=f"task {task_id} to be listed by /query",
+        interval=0.05,
+    )
 
     # When the list is refreshed, its row follows the task's live events to the end
     page.get_by_role("button", name="Refresh").click()
