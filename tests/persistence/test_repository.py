@@ -738,6 +738,20 @@ async def test_count_active_counts_a_users_unfinished_tasks(repository: TaskRepo
     assert await repository.count_active("Alice") == 0  # exact match, as stored
 
 
+async def test_count_by_state_counts_every_state(repository: TaskRepository) -> None:
+    # An empty database: every state listed, at zero
+    assert await repository.count_by_state() == dict.fromkeys(TaskState, 0)
+    # Given one task in each state and a second completed one
+    for minute, state in enumerate(TaskState):
+        timeline = Timeline(start=T0 + timedelta(minutes=minute))
+        await apply_all(repository, events_to(timeline, state), 100 * minute)
+    extra = Timeline(start=T0 + timedelta(hours=1))
+    await apply_all(repository, events_to(extra, TaskState.COMPLETED), 1000)
+    # Then the counts say so, on either backend (GROUP BY through Tortoise)
+    expected = dict.fromkeys(TaskState, 1) | {TaskState.COMPLETED: 2}
+    assert await repository.count_by_state() == expected
+
+
 # -- query ----------------------------------------------------------------------------
 
 
