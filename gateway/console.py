@@ -35,9 +35,9 @@ from pathlib import Path
 from aiohttp import hdrs, web
 
 from events import messages
-from gateway import download, envelope, models
+from gateway import download, envelope
+from gateway import language as gateway_language
 from gateway.http import respond
-from gateway.keys import SETTINGS
 from kernel.errors import NotFound
 
 STATIC = Path(__file__).with_name("static") / "console"
@@ -138,32 +138,29 @@ async def static_file(request: web.Request) -> web.StreamResponse:
 
 async def labels(request: web.Request) -> web.StreamResponse:
     """The labels in the request's language: ``{"language": "en", "messages": {...}}``."""
-    language = messages.negotiate(
-        request.headers.get(hdrs.ACCEPT_LANGUAGE), request.app[SETTINGS].server.language
-    )
+    language = gateway_language.of(request)  # the middleware says Vary and Content-Language
     texts = {**messages.catalogue(language, "console."), **messages.catalogue(language, "state.")}
     body = json.dumps({"language": language.value, "messages": texts}, ensure_ascii=False)
     response = web.Response(
         text=body,
         content_type="application/json",
-        headers={hdrs.CACHE_CONTROL: REVALIDATE, hdrs.VARY: "Accept-Language"},
+        headers={hdrs.CACHE_CONTROL: REVALIDATE},
     )
     return secured(response)
 
 
 async def download_for_page(request: web.Request) -> web.StreamResponse:
     """``GET /download/{task_id}``, with the presigned link as a ``200`` envelope instead of
-    a ``307`` (see the module's docstring). Raises as ``download.download`` does."""
-    response = await download.download(request)
+    a ``307`` (see the module's docstring). Raises as ``download.locate`` does."""
+    where, headers = await download.locate(request)
+    response: web.StreamResponse
+    if isinstance(where, Path):
+        response = web.FileResponse(where, headers=headers)
+    else:
+        response = respond(envelope.ok(where, "the archive's download link"))
+        response.headers.update(headers)
     response.headers[hdrs.CACHE_CONTROL] = "no-store"
-    if response.status != 307 or not isinstance(response, web.Response) or response.text is None:
-        return response
-    link = models.DownloadLink.model_validate(json.loads(response.text)["data"])
-    answer = respond(envelope.ok(link, "the archive's download link"))
-    answer.headers[hdrs.CACHE_CONTROL] = "no-store"
-    if download.CHECKSUM_HEADER in response.headers:
-        answer.headers[download.CHECKSUM_HEADER] = response.headers[download.CHECKSUM_HEADER]
-    return answer
+    return response
 
 
 def setup(app: web.Application, directory: Path = STATIC) -> None:

@@ -31,8 +31,10 @@ STORE = web.AppKey("store", ObjectStore)  # where the archives were uploaded
 CHECKSUM_HEADER = "X-Checksum-Sha256"
 
 
-async def download(request: web.Request) -> web.StreamResponse:
-    """Raises NotFound, Conflict, StorageError, DatabaseError."""
+async def locate(request: web.Request) -> tuple[Path | models.DownloadLink, dict[str, str]]:
+    """Where the archive of the request's task is: the local file, or a presigned link;
+    with the headers its answer carries. Raises NotFound, Conflict, StorageError,
+    DatabaseError."""
     task_id = parse_path(request, models.TaskPath).task_id
     repository = request.app[REPOSITORY]
     try:
@@ -65,13 +67,21 @@ async def download(request: web.Request) -> web.StreamResponse:
     if isinstance(where, Path):
         log.info("task %s: streaming %s", task_id, name)
         headers["Content-Disposition"] = f'attachment; filename="{file_name}"'
-        return web.FileResponse(where, headers=headers)
+        return where, headers
     log.info("task %s: download link for %s, valid %gs", task_id, name, expiry)
     link = models.DownloadLink(
         url=where, file_name=file_name, bytes=info.size, sha256=sha256, expires_in=expiry
     )
-    response = respond(envelope.ok(link, "redirect to the archive", status=307))
-    response.headers["Location"] = where
+    return link, headers
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """The file (``Range`` too), or a ``307`` to the presigned link. Raises as ``locate``."""
+    where, headers = await locate(request)
+    if isinstance(where, Path):
+        return web.FileResponse(where, headers=headers)
+    response = respond(envelope.ok(where, "redirect to the archive", status=307))
+    response.headers["Location"] = where.url
     response.headers.update(headers)
     return response
 

@@ -35,8 +35,6 @@ import json
 import re
 import secrets
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +61,7 @@ from tests.servers.base_image import (
     stand_in_rootfs,
     wait_healthy,
 )
+from tests.servers.dcu_process import http_json
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.images import PushedImages
 from tests.servers.nats import NatsServer
@@ -197,18 +196,7 @@ def volumes(image_engine: ImageEngine, tag: str) -> Iterator[dict[str, str]]:
 def request(
     port: int, method: str, path: str, body: Any = None, token: str | None = None
 ) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    url = f"http://127.0.0.1:{port}/api/dcu{path}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    return http_json(method, f"http://127.0.0.1:{port}/api/dcu{path}", body, token=token)
 
 
 def isolation_env(nats: NatsServer, s3: S3Server, tag: str) -> dict[str, str]:

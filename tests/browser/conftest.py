@@ -10,10 +10,7 @@ which ``scripts/test`` installs; without it the tests fail, they do not skip.
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +21,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, sync_playwright
 
 from tests.e2e.conftest import service_config
-from tests.servers.dcu_process import DcuProcess
+from tests.servers.dcu_process import DcuProcess, http_json
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.nats import NatsServer
 from tests.servers.registry import Registry
@@ -48,18 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def api(service: DcuProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """``method path`` on the API with the token; the status and the decoded envelope."""
-    request = urllib.request.Request(
-        f"{service.base_url}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    return http_json(method, f"{service.base_url}{path}", body, timeout=30, token=TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from events.messages import Language, text
 from tests.browser.conftest import TOKEN, USER, ConsolePage, api
+from tests.e2e.helpers import STAGE_EVENTS
 from tests.polling import wait_until
 from tests.servers.dcu_process import DcuProcess
 from tests.servers.registry import Registry
@@ -185,15 +186,7 @@ def test_a_task_from_the_form_to_the_downloaded_archive(
     types = page.locator("#task-events tr").evaluate_all(
         "(rows) => rows.map((row) => row.dataset.type)"
     )
-    assert types == [
-        "requested",
-        "download_started",
-        "downloaded",
-        "compress_started",
-        "compressed",
-        "upload_started",
-        "uploaded",
-    ], types
+    assert types == STAGE_EVENTS, types
     expect(page.locator("#task-transitions li").last).to_have_attribute("data-state", "completed")
     task = _api(console_page.service, "GET", f"/status/{task_id}")
     assert task["username"] == USER  # the token's name, not anything typed

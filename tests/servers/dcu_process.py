@@ -25,11 +25,16 @@ from tests.servers.base import ManagedProcess, ServerStartError, free_port
 DCU = str(Path(sys.executable).with_name("dcu"))
 
 
-def http_json(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+def http_json(
+    method: str, url: str, body: Any = None, timeout: float = 10, *, token: str | None = None
+) -> tuple[int, Any]:
+    """``method url`` with ``body`` as JSON (and ``token`` as a bearer token); the status
+    and the decoded answer."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())

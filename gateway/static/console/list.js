@@ -7,7 +7,7 @@ import {
 } from "./dom.js";
 import { t } from "./i18n.js";
 import { TERMINAL, TaskProgress } from "./progress.js";
-import { follow } from "./sse.js";
+import { eachEvent, follow } from "./sse.js";
 
 const PAGE_SIZES = ["10", "20", "50"];
 const MAX_LIVE = 4; // streams kept open at once: browsers allow 6 connections per host
@@ -238,13 +238,7 @@ export class ListView {
     follow(url, {
       signal: controller.signal,
       isDone: () => entry.progress.terminal,
-      onMessage: (message) => {
-        let event;
-        try {
-          event = JSON.parse(message.data);
-        } catch {
-          return;
-        }
+      onMessage: eachEvent((event) => {
         const wasTerminal = entry.progress.terminal;
         if (entry.progress.apply(event)) {
           entry.display = null; // the API's display text is for the state it answered
@@ -253,7 +247,7 @@ export class ListView {
         if (!wasTerminal && entry.progress.terminal) {
           this.scheduleReload();
         }
-      },
+      }),
     }).catch(() => {
       // the stream was refused (the list shows what /query said)
     }).finally(() => {

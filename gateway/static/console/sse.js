@@ -109,6 +109,22 @@ function pause(ms, signal) {
   });
 }
 
+/**
+ * An `onMessage` for `follow` that hands `onEvent` each message's data parsed as JSON
+ * (a DCU event), skipping a message whose data is not JSON.
+ */
+export function eachEvent(onEvent) {
+  return (message) => {
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    onEvent(event);
+  };
+}
+
 const FIRST_DELAY = 1000;
 const MAX_DELAY = 15_000;
 

@@ -9,7 +9,7 @@ import {
 import { t } from "./i18n.js";
 import { reportError } from "./list.js";
 import { TERMINAL, TaskProgress, targetState } from "./progress.js";
-import { follow } from "./sse.js";
+import { eachEvent, follow } from "./sse.js";
 
 const REFRESH_ATTEMPTS = 15;
 
@@ -156,13 +156,7 @@ export class TaskView {
           live.textContent = t("console.error.stream");
         }
       },
-      onMessage: (message) => {
-        let event;
-        try {
-          event = JSON.parse(message.data);
-        } catch {
-          return;
-        }
+      onMessage: eachEvent((event) => {
         const wasTerminal = this.progress.terminal;
         this.progress.apply(event);
         if (this.record(event)) {
@@ -172,7 +166,7 @@ export class TaskView {
         if (!wasTerminal && this.progress.terminal) {
           this.refresh(signal);
         }
-      },
+      }),
     }).catch((error) => {
       if (!signal.aborted) {
         reportError(error);
