@@ -70,8 +70,18 @@ async def publish_all(
 
 
 async def drained(js: JetStreamContext, settings: NatsSettings) -> bool:
+    """Whether the durable consumer has delivered and acknowledged every stored message.
+
+    Zero pending alone is not enough: just after a publish the server may not yet count
+    the new message as pending, so the consumer must also have delivered up to the
+    stream's last sequence.
+    """
     info = await js.consumer_info(settings.audit_stream, consumer_name(settings))
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+    last_seq = (await js.stream_info(settings.audit_stream)).state.last_seq
+    delivered = info.delivered.stream_seq if info.delivered else 0
+    return bool(
+        info.num_pending == 0 and info.num_ack_pending == 0 and (delivered or 0) >= (last_seq or 0)
+    )
 
 
 async def publish_raw(
