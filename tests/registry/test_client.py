@@ -240,7 +240,8 @@ async def test_a_blob_that_does_not_match_its_digest_is_refused(
     servers, clients, tmp_path: Path
 ) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=b"X" + BLOB[1:])
+        # Flip the first byte: replacing it with a constant left BLOB intact 1 time in 256
+        return web.Response(body=bytes([BLOB[0] ^ 0xFF]) + BLOB[1:])
 
     server = await _serve(handler)
     servers.append(server)
