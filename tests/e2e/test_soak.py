@@ -29,7 +29,7 @@ from tests.polling import wait_until
 from tests.servers.dcu_process import DCU, DcuProcess
 from tests.servers.docker_engine import DockerEngine
 from tests.servers.images import PushedImages
-from tests.servers.nats import NatsFactory, NatsServer
+from tests.servers.nats import NatsFactory, NatsServer, durable_caught_up
 from tests.servers.postgres import create_database, drop_database
 from tests.servers.s3 import S3Server
 
@@ -46,19 +46,14 @@ WORKERS = {
 
 
 async def _persistence_settled(url: str, stream: str) -> bool:
-    """Both persistence durables have nothing pending or unacknowledged."""
+    """Both persistence durables have delivered and settled every message they take."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         names = NatsSettings(stream=stream)
-        for name, durable in (
-            (names.audit_stream, consumer_name(names)),
-            (names.progress_stream, progress_consumer_name(names)),
-        ):
-            info = await js.consumer_info(name, durable)
-            if info.num_pending or info.num_ack_pending:
-                return False
-        return True
+        return await durable_caught_up(
+            js, names.audit_stream, consumer_name(names)
+        ) and await durable_caught_up(js, names.progress_stream, progress_consumer_name(names))
     finally:
         await nc.close()
 

@@ -29,7 +29,7 @@ from persistence.subscriber import (
     rebuild_from_stream,
 )
 from tests.persistence.conftest import Timeline, eventually, table_rows
-from tests.servers.nats import NatsServer
+from tests.servers.nats import NatsServer, durable_caught_up
 
 SubscriberFactory = Callable[..., Awaitable[PersistenceSubscriber]]
 
@@ -70,18 +70,7 @@ async def publish_all(
 
 
 async def drained(js: JetStreamContext, settings: NatsSettings) -> bool:
-    """Whether the durable consumer has delivered and acknowledged every stored message.
-
-    Zero pending alone is not enough: just after a publish the server may not yet count
-    the new message as pending, so the consumer must also have delivered up to the
-    stream's last sequence.
-    """
-    info = await js.consumer_info(settings.audit_stream, consumer_name(settings))
-    last_seq = (await js.stream_info(settings.audit_stream)).state.last_seq
-    delivered = info.delivered.stream_seq if info.delivered else 0
-    return bool(
-        info.num_pending == 0 and info.num_ack_pending == 0 and (delivered or 0) >= (last_seq or 0)
-    )
+    return await durable_caught_up(js, settings.audit_stream, consumer_name(settings))
 
 
 async def publish_raw(

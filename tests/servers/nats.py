@@ -7,6 +7,9 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
 from tests.polling import wait_until
 from tests.servers.base import (
     ManagedProcess,
@@ -16,6 +19,25 @@ from tests.servers.base import (
     log_tail,
     port_open,
 )
+
+
+async def durable_caught_up(js: JetStreamContext, stream: str, durable: str) -> bool:
+    """Whether ``durable`` has delivered, and had acknowledged, every message of ``stream``
+    its filter takes.
+
+    Zero pending alone is not enough: just after a publish the server may not yet count
+    the new message as pending, so the durable must also have delivered the last message
+    its filter matches.
+    """
+    info = await js.consumer_info(stream, durable)
+    if info.num_pending or info.num_ack_pending:
+        return False
+    try:
+        last = await js.get_last_msg(stream, info.config.filter_subject or ">")
+    except NotFoundError:
+        return True  # nothing stored that it takes
+    delivered = info.delivered.stream_seq if info.delivered else None
+    return (delivered or 0) >= (last.seq or 0)
 
 
 def nats_server_binary() -> str:
